@@ -1,0 +1,421 @@
+"""Writing datasets: synthetic ones, and hybrid ones prepared from a fully annotated folder.
+
+Both write the same layout (see :mod:`hybrid_accel.data.manifest`)::
+
+    out/manifest.csv    one row per image
+    out/dataset.yaml    num_classes, ignore_index, mask_mapping, class names, how it was made
+    out/images/         synthetic images (prepared datasets reference the source images by
+                        absolute path unless asked to copy them)
+    out/masks/          exact masks as class indices (the training mask of strong rows and the
+                        true mask of every row)
+    out/weak/           simulated weak masks (the training mask of weak rows)
+
+Everything is deterministic from the seed: which images are strong, which weak simulator and
+severity each weak image gets (:class:`~hybrid_accel.data.weak.WeakSpec`), and the random
+draws of every simulation (``default_rng([seed, 3, i])`` for image ``i``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import DatasetError
+from .manifest import (
+    apply_mask_mapping,
+    mask_array,
+    parse_mask_mapping,
+    write_manifest,
+    write_mask,
+    write_meta,
+)
+from .synthetic import KINDS as SYNTH_KINDS
+from .synthetic import synthetic_sample
+from .weak import WeakSpec, simulate, weak_quality
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GROUP_COLUMNS = ("group", "sequence", "patient", "video", "case")
+WEAK_DEFAULTS = {"polyp": ("ellipse", 0.4), "asoct": ("scribble", 0.0)}  # kind -> (weak, drop_fraction)
+
+
+def _size2(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _n_strong(n_train: int, strong_fraction: float | None, strong_count: int | None) -> int:
+    if strong_count is not None:
+        if not 0 <= strong_count <= n_train:
+            raise ValueError(f"strong_count={strong_count} must lie in 0..{n_train} (the train split's size)")
+        return int(strong_count)
+    frac = 0.1 if strong_fraction is None else float(strong_fraction)
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"strong_fraction must lie in [0, 1], got {frac}")
+    return min(n_train, max(1 if frac > 0 and n_train else 0, int(round(frac * n_train))))
+
+
+def _assign_kinds(
+    n_train: int, strong_fraction, strong_count, weak: WeakSpec | None, seed: int
+) -> list[tuple[str, str, float]]:
+    """(kind, weak simulator, severity) for each train image, in order."""
+    if weak is None:
+        return [("strong", "", math.nan)] * n_train
+    n_strong = _n_strong(n_train, strong_fraction, strong_count)
+    order = np.random.default_rng([seed, 1]).permutation(n_train)
+    strong = np.zeros(n_train, dtype=bool)
+    strong[order[:n_strong]] = True
+    plan = iter(weak.plan(n_train - n_strong, np.random.default_rng([seed, 2])))
+    return [("strong", "", math.nan) if s else ("weak", *next(plan)) for s in strong]
+
+
+def _weak_files(
+    exact: np.ndarray, weak_type: str, severity: float, seed: int, index: int, ignore_index: int, weak_path: Path
+) -> dict[str, Any]:
+    rng = np.random.default_rng([seed, 3, index])
+    weak = simulate(exact, weak_type, severity, rng, ignore_index)
+    write_mask(weak_path, weak)
+    iou, dice = weak_quality(weak, exact, ignore_index)
+    return {"quality_iou": iou, "quality_dice": dice, "weak_type": weak_type, "severity": severity}
+
+
+def _pool_map(fn, jobs: list, workers: int | None, progress: bool, desc: str) -> list:
+    """``[fn(*job) for job in jobs]`` in order, over a process pool when ``workers`` > 1."""
+    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="img")
+    out = []
+    if workers <= 1 or len(jobs) < 16:
+        for job in jobs:
+            out.append(fn(*job))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            for r in ex.map(fn, *zip(*jobs), chunksize=8):
+                out.append(r)
+                bar.update()
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic datasets
+
+
+def _synth_one(
+    kind: str, seed: int, index: int, size: tuple[int, int], root: str, split: str, row_kind: str,
+    weak_type: str, severity: float, ignore_index: int, image_ext: str,
+) -> dict[str, Any]:
+    img, exact = synthetic_sample(kind, seed, index, size)
+    name = f"{index:06d}"
+    rootp = Path(root)
+    image_path = rootp / "images" / f"{name}{image_ext}"
+    mask_path = rootp / "masks" / f"{name}.png"
+    if image_ext == ".png":
+        Image.fromarray(img).save(image_path, compress_level=1)
+    else:
+        Image.fromarray(img).save(image_path, quality=95)
+    write_mask(mask_path, exact)
+    rec = {"image": image_path, "mask": mask_path, "split": split, "kind": row_kind, "group": name,
+           "true_mask": mask_path, "weak_type": "", "severity": math.nan,
+           "quality_iou": math.nan, "quality_dice": math.nan}
+    if row_kind == "weak":
+        weak_path = rootp / "weak" / f"{name}.png"
+        rec.update(_weak_files(exact, weak_type, severity, seed, index, ignore_index, weak_path))
+        rec["mask"] = weak_path
+    return rec
+
+
+def make_synthetic_hybrid(
+    root: str | os.PathLike,
+    kind: str = "polyp",
+    n_train: int = 200,
+    n_val: int = 50,
+    n_test: int = 100,
+    size: int | Sequence[int] = 256,
+    strong_fraction: float | None = 0.1,
+    strong_count: int | None = None,
+    weak: str | dict | None = "auto",
+    severity: str | float = "uniform:0,1",
+    drop_fraction: float | None = None,
+    seed: int = 0,
+    ignore_index: int = 255,
+    image_format: str = "jpg",
+    workers: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write a ready hybrid synthetic dataset to ``root``; return the manifest's path.
+
+    Train images are strong (``strong_count``, or ``strong_fraction`` of the train split, at
+    least one) or weak (mask simulated with the ``weak`` mixture at per-image ``severity``,
+    ``drop_fraction`` of them dropped to background); val and test images are strong. Every row
+    records its exact mask as ``true_mask``; weak rows also record the weak mask's true IoU and
+    Dice. ``weak=None`` makes every image strong (a fully annotated dataset). Image ``i`` is the
+    same whatever the counts, so datasets of different sizes from one seed are nested.
+
+    Defaults that depend on ``kind`` (:data:`WEAK_DEFAULTS`): ``weak="auto"`` is ``ellipse``
+    for polyps and ``scribble`` for AS-OCT (an ellipse or box around a curved corneal band is
+    mostly wrong even at severity 0); ``drop_fraction=None`` is 0.4 for polyps (the paper) and 0
+    for AS-OCT.
+    """
+    if kind not in SYNTH_KINDS:
+        raise ValueError(f"unknown synthetic kind {kind!r}; choose from {', '.join(SYNTH_KINDS)}")
+    if weak == "auto":
+        weak = WEAK_DEFAULTS[kind][0]
+    if drop_fraction is None:
+        drop_fraction = WEAK_DEFAULTS[kind][1]
+    size = _size2(size)
+    root = Path(root)
+    for sub in ("images", "masks", "weak"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    spec = None if weak in (None, "none") else WeakSpec(weak, severity, drop_fraction)
+    train_plan = _assign_kinds(n_train, strong_fraction, strong_count, spec, seed)
+    ext = "." + image_format.lower().lstrip(".").replace("jpeg", "jpg")
+    if ext not in (".png", ".jpg"):
+        raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    jobs = []
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    for i, split in enumerate(splits):
+        row_kind, wt, sev = train_plan[i] if split == "train" else ("strong", "", math.nan)
+        jobs.append((kind, seed, i, size, str(root), split, row_kind, wt, sev, ignore_index, ext))
+    records = _pool_map(_synth_one, jobs, workers, progress, f"synth {kind}")
+    meta = {
+        "name": f"synthetic-{kind}",
+        "num_classes": len(SYNTH_KINDS[kind]),
+        "class_names": list(SYNTH_KINDS[kind]),
+        "ignore_index": ignore_index,
+        "mask_mapping": None,
+        "source": {"synthetic": kind, "seed": seed, "size": list(size), "n_train": n_train, "n_val": n_val,
+                   "n_test": n_test, "strong": sum(r["kind"] == "strong" for r in records if r["split"] == "train"),
+                   "weak": None if spec is None else str(weak), "severity": str(severity),
+                   "drop_fraction": drop_fraction},
+    }
+    write_meta(root, meta)
+    return write_manifest(root, records)
+
+
+def make_synthetic_dataset(
+    root: str | os.PathLike,
+    kind: str = "polyp",
+    n: int = 100,
+    size: int | Sequence[int] = 256,
+    seed: int = 0,
+    splits: Sequence[float] = (0.7, 0.1, 0.2),
+    strong_fraction: float | None = 0.1,
+    strong_count: int | None = None,
+    weak: str | dict | None = "auto",
+    **kwargs,
+) -> Path:
+    """:func:`make_synthetic_hybrid` with ``n`` images divided by ``splits`` (train, val, test)."""
+    if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) <= 0:
+        raise ValueError(f"splits must be three non-negative fractions (train, val, test), got {splits}")
+    tot = float(sum(splits))
+    n_val = int(round(n * splits[1] / tot))
+    n_test = int(round(n * splits[2] / tot))
+    n_train = n - n_val - n_test
+    return make_synthetic_hybrid(root, kind, n_train, n_val, n_test, size, strong_fraction=strong_fraction,
+                                 strong_count=strong_count, weak=weak, seed=seed, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hybrid datasets from a fully annotated folder
+
+
+def find_pairs(source: str | os.PathLike, csv_path: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """(image, mask, group) of every annotated image under ``source``.
+
+    With a CSV (``csv_path``, else the only ``*.csv`` in ``source`` that has image and mask
+    columns) rows give the paths, relative to the CSV's folder, and the group comes from its
+    group/sequence/patient/video/case column when there is one. Otherwise images in
+    ``source/images`` are matched by file stem with masks in ``source/masks``, each its own group.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise DatasetError(f"{source}: source folder not found")
+    candidates = [Path(csv_path)] if csv_path else sorted(source.glob("*.csv"))
+    for cp in candidates:
+        if not cp.exists():
+            raise DatasetError(f"{cp}: CSV not found")
+        with cp.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            if "image" not in header or "mask" not in header:
+                if csv_path:
+                    raise DatasetError(f"{cp}: needs image and mask columns (has: {', '.join(header)})")
+                continue
+            gcol = next((g for g in GROUP_COLUMNS if g in header), None)
+            pairs = []
+            for i, row in enumerate(reader):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                img, msk = cp.parent / row["image"], cp.parent / row["mask"]
+                pairs.append({"image": str(img), "mask": str(msk),
+                              "group": row[gcol] if gcol and row[gcol] else f"row{i}"})
+            return pairs
+    img_dir, mask_dir = source / "images", source / "masks"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise DatasetError(f"{source}: expected a CSV with image and mask columns, or images/ and masks/ folders")
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    pairs = []
+    missing = []
+    for p in sorted(img_dir.iterdir(), key=lambda q: (len(q.stem), q.stem)):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if p.stem not in masks:
+            missing.append(f"{p}: no mask with the same name in {mask_dir}")
+            continue
+        pairs.append({"image": str(p), "mask": str(masks[p.stem]), "group": p.stem})
+    if missing:
+        raise DatasetError.from_problems(missing)
+    return pairs
+
+
+def split_groups(
+    groups: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, str]:
+    """Map each distinct group to train/val/test, by group count, shuffled by ``seed``.
+
+    Test and val each get ``round(fraction * n_groups)`` groups (at least one when the fraction
+    is positive), and train keeps at least one group.
+    """
+    uniq = sorted(set(groups), key=lambda g: (len(g), g))
+    n = len(uniq)
+    n_test = max(1 if test_fraction > 0 else 0, int(round(test_fraction * n)))
+    n_val = max(1 if val_fraction > 0 else 0, int(round(val_fraction * n)))
+    if n_test + n_val >= n:
+        raise DatasetError(
+            f"{n} group(s) cannot be split into val ({n_val}), test ({n_test}) and a non-empty train split"
+        )
+    order = np.random.default_rng([seed, 4]).permutation(n)
+    out = {}
+    for rank, k in enumerate(order):
+        out[uniq[k]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def _detect_mapping(mask_paths: Iterable[str], probe: int = 8) -> dict[int, int] | None:
+    """0/255 binary masks -> {0: 0, 255: 1}; anything else is taken as class indices."""
+    values: set[int] = set()
+    for p in list(mask_paths)[:probe]:
+        with Image.open(p) as im:
+            values |= set(np.unique(mask_array(im, p)).tolist())
+    return {0: 0, 255: 1} if values <= {0, 255} and 255 in values else None
+
+
+def _prepare_one(
+    i: int, image: str, mask: str, out: str, split: str, row_kind: str, weak_type: str, severity: float,
+    group: str, mapping: dict | None, ignore_index: int, seed: int, copy_images: bool,
+) -> dict[str, Any]:
+    outp = Path(out)
+    name = f"{i:05d}_{Path(image).stem}"
+    try:
+        with Image.open(mask) as im:
+            exact = apply_mask_mapping(mask_array(im, mask), mapping)
+        with Image.open(image) as im:
+            isize = im.size
+    except (OSError, ValueError) as e:  # PIL raises both for unreadable files
+        raise DatasetError(f"{getattr(e, 'filename', None) or image}: cannot read ({e})") from None
+    if isize != (exact.shape[1], exact.shape[0]):
+        raise DatasetError(f"{mask}: mask size {exact.shape[1]}x{exact.shape[0]} differs from image {image} size {isize[0]}x{isize[1]}")
+    img_out = image
+    if copy_images:
+        img_out = str(outp / "images" / f"{name}{Path(image).suffix.lower()}")
+        shutil.copyfile(image, img_out)
+    mask_path = outp / "masks" / f"{name}.png"
+    write_mask(mask_path, exact)
+    rec = {"image": img_out, "mask": mask_path, "split": split, "kind": row_kind, "group": group,
+           "true_mask": mask_path, "weak_type": "", "severity": math.nan,
+           "quality_iou": math.nan, "quality_dice": math.nan, "_max": int(exact[exact != ignore_index].max(initial=0))}
+    if row_kind == "weak":
+        weak_path = outp / "weak" / f"{name}.png"
+        rec.update(_weak_files(exact, weak_type, severity, seed, i, ignore_index, weak_path))
+        rec["mask"] = weak_path
+    return rec
+
+
+def prepare_hybrid(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    csv_path: str | os.PathLike | None = None,
+    strong_fraction: float | None = 0.1,
+    strong_count: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    weak: str | dict = "ellipse",
+    severity: str | float = "uniform:0,1",
+    drop_fraction: float = 0.4,
+    seed: int = 0,
+    mask_mapping: str | dict | None = "auto",
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    ignore_index: int = 255,
+    copy_images: bool = False,
+    max_groups: int | None = None,
+    max_per_group: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Turn a fully annotated folder into a hybrid dataset in ``out``; return the manifest's path.
+
+    Groups (patients, video sequences) are split into train/val/test so no group straddles two
+    splits; in train, ``strong_count`` images (else ``strong_fraction`` of them) keep their exact
+    masks and the rest get simulated weak masks. Masks are converted to class indices with
+    ``mask_mapping`` (``"auto"``: 0/255 binary masks become 0/1) and written to ``out``; images
+    are referenced by absolute path unless ``copy_images``. ``max_groups`` / ``max_per_group``
+    take a deterministic subset (the first groups in natural order, the first frames of each)
+    for quick runs.
+    """
+    out = Path(out)
+    pairs = find_pairs(source, csv_path)
+    if not pairs:
+        raise DatasetError(f"{source}: no annotated images found")
+    if max_groups is not None or max_per_group is not None:
+        by_group: dict[str, list[dict]] = {}
+        for p in pairs:
+            by_group.setdefault(p["group"], []).append(p)
+        keys = sorted(by_group, key=lambda g: (len(g), g))[: max_groups or None]
+        pairs = [p for g in keys for p in by_group[g][: max_per_group or None]]
+    mapping = _detect_mapping(p["mask"] for p in pairs) if mask_mapping == "auto" else parse_mask_mapping(mask_mapping)
+    group_split = split_groups([p["group"] for p in pairs], val_fraction, test_fraction, seed)
+    spec = WeakSpec(weak, severity, drop_fraction)
+    train_idx = [i for i, p in enumerate(pairs) if group_split[p["group"]] == "train"]
+    plan = dict(zip(train_idx, _assign_kinds(len(train_idx), strong_fraction, strong_count, spec, seed)))
+    for sub in ("masks", "weak") + (("images",) if copy_images else ()):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i, p in enumerate(pairs):
+        split = group_split[p["group"]]
+        row_kind, wt, sev = plan.get(i, ("strong", "", math.nan))
+        jobs.append((i, str(Path(p["image"]).absolute()), p["mask"], str(out), split, row_kind, wt, sev,
+                     p["group"], mapping, ignore_index, seed, copy_images))
+    missing = [f"{f}: file not found" for j in jobs for f in (j[1], j[2]) if not Path(f).exists()]
+    if missing:
+        raise DatasetError.from_problems(missing)
+    records = _pool_map(_prepare_one, jobs, workers, progress, "prepare")
+    top = max(r.pop("_max") for r in records)
+    if num_classes is None:
+        num_classes = max(2, top + 1)
+    elif top >= num_classes:
+        raise DatasetError(f"{source}: masks hold class {top} but num_classes={num_classes}")
+    meta = {
+        "name": Path(source).name,
+        "num_classes": int(num_classes),
+        "class_names": list(class_names) if class_names else ["background"] + [f"class{c}" for c in range(1, num_classes)],
+        "ignore_index": ignore_index,
+        "mask_mapping": None,
+        "source": {"folder": str(Path(source).absolute()), "source_mask_mapping": mapping, "seed": seed,
+                   "strong_fraction": strong_fraction, "strong_count": strong_count,
+                   "val_fraction": val_fraction, "test_fraction": test_fraction, "weak": str(weak),
+                   "severity": str(severity), "drop_fraction": drop_fraction,
+                   "max_groups": max_groups, "max_per_group": max_per_group},
+    }
+    write_meta(out, meta)
+    return write_manifest(out, records)
