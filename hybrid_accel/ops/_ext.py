@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 BUILD_HINT = (
@@ -10,13 +12,16 @@ BUILD_HINT = (
     "See README.md, section 'Building the extension'."
 )
 
-try:  # the import registers the ops with the dispatcher (TORCH_LIBRARY in csrc/)
-    from .. import _C  # noqa: F401
-
-    EXT_ERROR: str | None = None
-except ImportError as exc:  # no compiler at install time, or HYBRID_ACCEL_SKIP_EXT=1
-    _C = None
-    EXT_ERROR = f"{type(exc).__name__}: {exc}"
+_C = None
+EXT_ERROR: str | None = None
+if os.environ.get("HYBRID_ACCEL_NO_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+    # lets a user (or a test) run the pure-PyTorch path with a built extension present
+    EXT_ERROR = "disabled by HYBRID_ACCEL_NO_EXT"
+else:
+    try:  # the import registers the ops with the dispatcher (TORCH_LIBRARY in csrc/)
+        from .. import _C  # noqa: F401
+    except ImportError as exc:  # no compiler at install time, or HYBRID_ACCEL_SKIP_EXT=1
+        EXT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _OPS = ("grad_dot", "foreground_paste")
 
