@@ -148,13 +148,24 @@ def _image_names(dataset: Any, indices: np.ndarray) -> list[str]:
     return [str(paths[int(i)]) for i in indices]
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN (an undefined mean) becomes null, so that the file is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _write_outputs(
     out_dir: Path, summary: dict, results: dict[str, dict[str, np.ndarray]], indices: np.ndarray,
     names: list[str], class_names: list[str],
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=True)
+        json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
     with open(out_dir / "per_image.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "image", "model", "class", "dice", "assd", "case"])
@@ -333,6 +344,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _dataset_class_names(dataset: Any) -> list[str] | None:
+    names = getattr(dataset, "class_names", None)
+    if names is None:
+        meta = getattr(getattr(dataset, "manifest", None), "meta", None) or {}
+        names = meta.get("class_names")
+    return list(names) if names else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
@@ -368,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models, loader, accelerator, dataset.num_classes,
         ignore_index=dataset.ignore_index, spacing=tuple(args.spacing), out_dir=args.out,
         n_overlays=args.overlays, autocast=not args.no_autocast,
-        class_names=getattr(dataset, "class_names", None),
+        class_names=_dataset_class_names(dataset),
     )
     accelerator.print(format_summary(summary))
     if args.out:
