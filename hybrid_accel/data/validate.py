@@ -145,6 +145,15 @@ def _summarise(man, results, ncls, ignore, mapping) -> dict[str, Any]:
             class_freq[s] = {"classes": [float(pixels[s][c] / tot) for c in range(ncls)],
                              "ignore": float(pixels[s][ignore] / tot)}
     warnings = []
+    if not mapping:
+        # 0/255 binary masks pass the value check (255 is the ignore value) yet train nothing.
+        suspect = [r["mask"] for r, res in zip(man.records, results)
+                   if r["kind"] == "strong" and res["counts"][ignore] > 0 and not res["counts"][1:ncls].any()]
+        if suspect:
+            warnings.append(
+                f"{len(suspect)} strong mask(s) hold the ignore value {ignore} but no foreground class (e.g. "
+                f"{suspect[0]}): if these are 0/255 binary masks, set mask_mapping 0:0,255:1"
+            )
     straddling = sorted(g for g, ss in groups.items() if "test" in ss and len(ss) > 1)
     if straddling:
         warnings.append(f"{len(straddling)} group(s) appear in test and another split (leak): {', '.join(straddling[:5])}")
