@@ -487,7 +487,7 @@ def load_exported(
     config = read_exported_config(path)
     kwargs = {k: v for k, v in config["model"].items() if k not in _RUNTIME_OPTIONS}
     compile_opt = overrides.pop("compile", False)
-    model = build_model(**kwargs, **overrides, pretrained=None)
+    model = build_model(**{**kwargs, **overrides, "pretrained": None})
     load_model_weights(model, path)
     model = model.to(map_location).eval()
     if compile_opt:

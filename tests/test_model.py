@@ -235,6 +235,8 @@ def test_export_unwraps_and_rejects_plain_files(tmp_path):
     assert all(not k.startswith("_orig_mod") for k in json.loads(json.dumps(list(model.state_dict()))))
     loaded, _ = load_exported(path)
     _same_outputs(model, loaded, torch.randn(1, 3, 32, 32))
+    cl, _ = load_exported(path, channels_last=True, aspp_dropout=0.0)
+    assert cl.channels_last and cl.config["aspp_dropout"] == 0.0
     plain = tmp_path / "plain.safetensors"
     save_file({"a": torch.zeros(1)}, str(plain))
     with pytest.raises(WeightsError, match="export_model"):
