@@ -149,3 +149,22 @@ def test_synth_command(tmp_path, capsys):
     ds = HybridDataset(out)
     assert ds.num_classes == 3 and ds.n_strong == 2 and ds[0]["image"].shape == (3, 24, 32)
     assert cli(["synth", "--out", str(out), "--weak", "lasso", "--no-progress"]) == 2
+
+
+def test_jitter_matrix_matches_sequential_jitter():
+    from hybrid_accel.data.transforms import jitter_matrix, to_tensors
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(8, 10, 3), dtype=np.uint8)
+    x = img.astype(np.float64) / 255.0
+    luma = np.array([0.299, 0.587, 0.114])
+    b, c, s = 1.15, 0.8, 1.2
+    y = x * b  # brightness
+    mu = (y @ luma).mean()
+    y = (y - mu) * c + mu  # contrast about the mean grey
+    g = (y @ luma)[..., None]
+    y = np.clip((y - g) * s + g, 0, 1)  # saturation about each pixel's grey, then one clip
+    expect = (y - IMAGENET_MEAN) / IMAGENET_STD
+    got, _ = to_tensors(img, np.zeros((8, 10), np.uint8), jitter_matrix(x.reshape(-1, 3).mean(0), b, c, s))
+    assert np.allclose(got.permute(1, 2, 0).numpy(), expect, atol=1e-5)
+    assert got.is_contiguous()
