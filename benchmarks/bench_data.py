@@ -34,6 +34,8 @@ CVC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cvc-clin
 
 def loader_rate(ds, workers: int, batch: int, batches: int, repeats: int) -> tuple[float, float]:
     """(median images/s over ``repeats`` timed runs of ``batches`` batches, startup seconds)."""
+    if (batches + workers) * batch > len(ds):
+        raise SystemExit(f"{len(ds)} images are too few for {batches} timed batches of {batch} with {workers} workers")
     rates, startups = [], []
     for r in range(repeats):
         dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
@@ -77,9 +79,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts (default 0 2 4)")
     ap.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     ap.add_argument("--size", type=int, default=256, help="output size (default 256)")
-    ap.add_argument("--n-images", type=int, default=320, help="synthetic train images (default 320)")
-    ap.add_argument("--batches", type=int, default=12, help="timed batches per run (default 12)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting; median reported (default 3)")
+    ap.add_argument("--n-images", type=int, default=640, help="synthetic train images (default 640)")
+    ap.add_argument("--batches", type=int, default=20, help="timed batches per run (default 20)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per setting; median reported (default 5)")
     ap.add_argument("--no-cvc", action="store_true", help="skip CVC-ClinicDB even where present")
     ap.add_argument("--machine", default="2-core CPU (dev machine)", help="machine description for the table")
     ap.add_argument("--write", default=None, help="write the results section (markdown) to this file")
@@ -96,6 +98,7 @@ def main() -> None:
         datasets.append(("CVC-ClinicDB 384x288 JPEG", cvc))
 
     cpu = os.cpu_count()
+    load0 = os.getloadavg()[0]
     rows = []
     print(f"machine: {args.machine} (os.cpu_count()={cpu}), batch {args.batch}, output {args.size}x{args.size}, "
           f"augment on, torch {torch.__version__}")
@@ -110,6 +113,8 @@ def main() -> None:
             print(f"{name:<30} {w:>7} {rate:>9.0f} {start:>9.2f}")
         print(f"{name:<30} per image at 0 workers: decode {dec:.2f} ms, transform {tr:.2f} ms")
 
+    load1 = os.getloadavg()[0]
+    print(f"1-minute load average: {load0:.1f} before, {load1:.1f} after")
     if args.write:
         lines = [
             "## Data loading (benchmarks/bench_data.py)",
@@ -117,7 +122,8 @@ def main() -> None:
             f"Machine: {args.machine} (os.cpu_count() = {cpu}); torch {torch.__version__}. "
             f"HybridDataset train split, augment on (zoom, rotation, shift, flips, colour jitter), "
             f"output {args.size}x{args.size}, batch {args.batch}, shuffle; median of {args.repeats} runs of "
-            f"{args.batches} batches after startup.",
+            f"{args.batches} batches after startup. 1-minute load average {load0:.1f} before and {load1:.1f} "
+            f"after (other jobs share the machine: more workers than free cores cannot help).",
             "",
             "| dataset | workers | images/s | startup (s) |",
             "|---|---:|---:|---:|",

@@ -21,7 +21,7 @@ import csv
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -301,12 +301,20 @@ def split_groups(
     return out
 
 
-def _detect_mapping(mask_paths: Iterable[str], probe: int = 8) -> dict[int, int] | None:
-    """0/255 binary masks -> {0: 0, 255: 1}; anything else is taken as class indices."""
+def _raw_values(path: str) -> set[int]:
+    with Image.open(path) as im:
+        return set(np.unique(mask_array(im, path)).tolist())
+
+
+def _detect_mapping(mask_paths: Sequence[str]) -> dict[int, int] | None:
+    """0/255 binary masks -> {0: 0, 255: 1}; anything else is taken as class indices.
+
+    Every mask is read (threads: decoding releases the GIL), since a 0/255 dataset whose first
+    masks happen to be empty would otherwise be taken as background + ignore."""
     values: set[int] = set()
-    for p in list(mask_paths)[:probe]:
-        with Image.open(p) as im:
-            values |= set(np.unique(mask_array(im, p)).tolist())
+    with ThreadPoolExecutor(4) as ex:
+        for v in ex.map(_raw_values, mask_paths):
+            values |= v
     return {0: 0, 255: 1} if values <= {0, 255} and 255 in values else None
 
 
@@ -383,7 +391,14 @@ def prepare_hybrid(
             by_group.setdefault(p["group"], []).append(p)
         keys = sorted(by_group, key=lambda g: (len(g), g))[: max_groups or None]
         pairs = [p for g in keys for p in by_group[g][: max_per_group or None]]
-    mapping = _detect_mapping(p["mask"] for p in pairs) if mask_mapping == "auto" else parse_mask_mapping(mask_mapping)
+    missing = [f"{f}: file not found" for p in pairs for f in (p["image"], p["mask"]) if not Path(f).exists()]
+    if missing:
+        raise DatasetError.from_problems(missing)
+    try:
+        mapping = (_detect_mapping([p["mask"] for p in pairs]) if mask_mapping == "auto"
+                   else parse_mask_mapping(mask_mapping))
+    except OSError as e:
+        raise DatasetError(f"{getattr(e, 'filename', None) or source}: unreadable mask ({e})") from None
     group_split = split_groups([p["group"] for p in pairs], val_fraction, test_fraction, seed)
     spec = WeakSpec(weak, severity, drop_fraction)
     train_idx = [i for i, p in enumerate(pairs) if group_split[p["group"]] == "train"]
@@ -396,9 +411,6 @@ def prepare_hybrid(
         row_kind, wt, sev = plan.get(i, ("strong", "", math.nan))
         jobs.append((i, str(Path(p["image"]).absolute()), p["mask"], str(out), split, row_kind, wt, sev,
                      p["group"], mapping, ignore_index, seed, copy_images))
-    missing = [f"{f}: file not found" for j in jobs for f in (j[1], j[2]) if not Path(f).exists()]
-    if missing:
-        raise DatasetError.from_problems(missing)
     records = _pool_map(_prepare_one, jobs, workers, progress, "prepare")
     top = max(r.pop("_max") for r in records)
     if num_classes is None:
