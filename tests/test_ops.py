@@ -110,6 +110,21 @@ def test_grad_dot_2d_reference_and_noncontiguous(device):
                                rtol=1e-5, atol=1e-4)
 
 
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_dot_misaligned_contiguous_views(device, dtype):
+    """Contiguous views that start one element into their storage defeat 16-byte vector loads."""
+    g = _gen(8)
+    B, Fc, C, P = 3, 16, 3, 64
+    feats = _rand(B * Fc * P + 1, g=g, dtype=dtype, device=device)[1:].view(B, Fc, P)
+    grad = _rand(B * C * P + 1, g=g, dtype=dtype, device=device)[1:].view(B, C, P)
+    W = _rand(1, C, Fc, g=g, device=device)
+    got = ops.grad_dot(feats, grad, W, backend="ext")
+    twin = ops.grad_dot(feats, grad, W, backend="torch")
+    torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-4)
+
+
 def test_grad_dot_twin_is_exact_in_float64():
     feats, grad, W, b = _grad_dot_case((2, 11, 3, 40, 2), torch.float64, "cpu", True, seed=4)
     s = ops.grad_dot(feats, grad, W, b, backend="torch")

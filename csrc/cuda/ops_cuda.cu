@@ -30,72 +30,110 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 }
 
 constexpr int kThreads = 128;
-constexpr int kRows = 4;  // reference rows (r, c) handled per pass over the features
+constexpr int kRows = 4;    // most reference rows (r, c) handled per pass over the features
+constexpr int kFStep = 4;   // feature rows loaded together: four independent 16-byte loads in flight per thread
 
-// grid: x = pixel groups of kThreads * VEC, y = instance b, z = chunk of kRows reference rows.
-// partial[b, blockIdx.x, j] = sum over the block's pixels of g[b, j % C, p] * (W[j] . h[b, :, p] + bias[j]).
-template <typename feat_t, typename grad_t, typename acc_t, int VEC>
+// Four consecutive weights of one reference row; one 16-byte broadcast load when the row is aligned.
+template <typename acc_t>
+__device__ __forceinline__ void load_w4(const acc_t* __restrict__ w, bool vec, acc_t (&out)[kFStep]) {
+#pragma unroll
+  for (int i = 0; i < kFStep; ++i) out[i] = __ldg(w + i);
+}
+__device__ __forceinline__ void load_w4(const float* __restrict__ w, bool vec, float (&out)[kFStep]) {
+  if (vec) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(w));
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kFStep; ++i) out[i] = __ldg(w + i);
+  }
+}
+
+template <typename feat_t, typename acc_t, int VEC>
+__device__ __forceinline__ void load_pixels(const feat_t* __restrict__ p, acc_t (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = to_acc(*p);
+  } else {
+    const Vec<feat_t, VEC> x = *reinterpret_cast<const Vec<feat_t, VEC>*>(p);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = to_acc(x.v[v]);
+  }
+}
+
+// grid: x = pixel groups of kThreads * VEC, y = instance b; one launch per chunk of NJ reference rows.
+// partial[b, blockIdx.x, j0 + j] = sum over the block's pixels of g[b, (j0+j) % C, p] * (W[j0+j] . h[b, :, p] + bias[j0+j]).
+// The host guarantees P % VEC == 0 and 16-byte aligned rows when VEC > 1.
+template <typename feat_t, typename grad_t, typename acc_t, int VEC, int NJ>
 __global__ void __launch_bounds__(kThreads) grad_dot_kernel(const feat_t* __restrict__ h, const grad_t* __restrict__ g,
                                                             const acc_t* __restrict__ W, const acc_t* __restrict__ bias,
                                                             acc_t* __restrict__ partial, int64_t F, int64_t C,
-                                                            int64_t RC, int64_t P) {
+                                                            int64_t RC, int64_t P, int64_t j0, bool wvec) {
   const int64_t b = blockIdx.y;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.z) * kRows;
-  const int nj = static_cast<int>(RC - j0 < kRows ? RC - j0 : kRows);
   const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
-  acc_t acc[kRows];
+  acc_t acc[NJ];
 #pragma unroll
-  for (int j = 0; j < kRows; ++j) acc[j] = 0;
+  for (int j = 0; j < NJ; ++j) acc[j] = 0;
 
   if (p0 < P) {
-    acc_t u[kRows][VEC];
+    acc_t u[NJ][VEC];
 #pragma unroll
-    for (int j = 0; j < kRows; ++j)
+    for (int j = 0; j < NJ; ++j)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) u[j][v] = 0;
     const feat_t* hp = h + b * F * P + p0;
-    const bool full = p0 + VEC <= P;
-#pragma unroll 4
-    for (int64_t f = 0; f < F; ++f) {
-      acc_t hv[VEC];
-      if (full) {
-        const Vec<feat_t, VEC> x = *reinterpret_cast<const Vec<feat_t, VEC>*>(hp + f * P);
+    const acc_t* Wj = W + j0 * F;
+    int64_t f = 0;
+    for (; f + kFStep <= F; f += kFStep) {
+      acc_t hv[kFStep][VEC];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) hv[v] = to_acc(x.v[v]);
-      } else {
+      for (int i = 0; i < kFStep; ++i) load_pixels<feat_t, acc_t, VEC>(hp + (f + i) * P, hv[i]);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) hv[v] = p0 + v < P ? to_acc(hp[f * P + v]) : acc_t(0);
+      for (int j = 0; j < NJ; ++j) {
+        // every thread of the warp reads the same weights: a broadcast served from the L1 cache
+        acc_t w[kFStep];
+        load_w4(Wj + j * F + f, wvec, w);
+#pragma unroll
+        for (int i = 0; i < kFStep; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) u[j][v] += w[i] * hv[i][v];
       }
+    }
+    for (; f < F; ++f) {  // F need not be a multiple of kFStep
+      acc_t hv[VEC];
+      load_pixels<feat_t, acc_t, VEC>(hp + f * P, hv);
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        // every thread of the warp reads the same weight: a broadcast served from the L1 cache
-        const acc_t w = j < nj ? __ldg(W + (j0 + j) * F + f) : acc_t(0);
+      for (int j = 0; j < NJ; ++j) {
+        const acc_t w = __ldg(Wj + j * F + f);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) u[j][v] += w * hv[v];
       }
     }
 #pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      if (j < nj) {
-        const int64_t jj = j0 + j;
-        const grad_t* gp = g + (b * C + jj % C) * P + p0;
-        const acc_t bj = bias ? bias[jj] : acc_t(0);
+    for (int j = 0; j < NJ; ++j) {
+      const int64_t jj = j0 + j;
+      const grad_t* gp = g + (b * C + jj % C) * P + p0;
+      const acc_t bj = bias ? bias[jj] : acc_t(0);
+      acc_t gv[VEC];
+      if constexpr (VEC * sizeof(grad_t) <= 16 && VEC > 1) {
+        load_pixels<grad_t, acc_t, VEC>(gp, gv);  // aligned: grad rows hold P % VEC == 0 elements
+      } else {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v)
-          if (p0 + v < P) acc[j] += to_acc(gp[v]) * (u[j][v] + bj);
+        for (int v = 0; v < VEC; ++v) gv[v] = to_acc(gp[v]);
       }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[j] += gv[v] * (u[j][v] + bj);
     }
   }
 
-  __shared__ acc_t red[kThreads / 32][kRows];
+  __shared__ acc_t red[kThreads / 32][NJ];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int j = 0; j < kRows; ++j) {
+  for (int j = 0; j < NJ; ++j) {
     const acc_t s = warp_sum(acc[j]);
     if (lane == 0) red[warp][j] = s;
   }
   __syncthreads();
-  if (threadIdx.x < nj) {
+  if (threadIdx.x < NJ) {
     acc_t s = 0;
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) s += red[w][threadIdx.x];
@@ -103,22 +141,40 @@ __global__ void __launch_bounds__(kThreads) grad_dot_kernel(const feat_t* __rest
   }
 }
 
+template <typename feat_t, typename grad_t, typename acc_t, int VEC>
+void launch_rows(const dim3& grid, cudaStream_t stream, const feat_t* h, const grad_t* g, const acc_t* W,
+                 const acc_t* bias, acc_t* partial, int64_t F, int64_t C, int64_t RC, int64_t P, bool wvec) {
+  for (int64_t j0 = 0; j0 < RC; j0 += kRows) {
+    switch (std::min<int64_t>(kRows, RC - j0)) {
+#define HA_ROWS(NJ)                                                                                                 \
+  case NJ:                                                                                                          \
+    grad_dot_kernel<feat_t, grad_t, acc_t, VEC, NJ><<<grid, kThreads, 0, stream>>>(h, g, W, bias, partial, F, C, RC, \
+                                                                                   P, j0, wvec);                    \
+    break;
+      HA_ROWS(1) HA_ROWS(2) HA_ROWS(3) HA_ROWS(4)
+#undef HA_ROWS
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename feat_t, typename grad_t, typename acc_t>
 void launch_grad_dot(const at::Tensor& h, const at::Tensor& g, const at::Tensor& W, const at::Tensor* bias,
                      at::Tensor& partial, int64_t nblk, int vec) {
   const int64_t B = h.size(0), F = h.size(1), P = h.size(2), C = g.size(1), RC = W.size(0) * W.size(1);
-  const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(B), static_cast<unsigned>((RC + kRows - 1) / kRows));
+  const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(B));
   auto stream = at::cuda::getCurrentCUDAStream();
   const acc_t* bp = bias ? bias->data_ptr<acc_t>() : nullptr;
+  // 16-byte weight loads need every reference row 16-byte aligned
+  const bool wvec = sizeof(acc_t) == 4 && F % 4 == 0 && reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
   constexpr int VMAX = 16 / sizeof(feat_t);
   if (vec == VMAX) {
-    grad_dot_kernel<feat_t, grad_t, acc_t, VMAX><<<grid, kThreads, 0, stream>>>(
-        h.data_ptr<feat_t>(), g.data_ptr<grad_t>(), W.data_ptr<acc_t>(), bp, partial.data_ptr<acc_t>(), F, C, RC, P);
+    launch_rows<feat_t, grad_t, acc_t, VMAX>(grid, stream, h.data_ptr<feat_t>(), g.data_ptr<grad_t>(),
+                                             W.data_ptr<acc_t>(), bp, partial.data_ptr<acc_t>(), F, C, RC, P, wvec);
   } else {
-    grad_dot_kernel<feat_t, grad_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
-        h.data_ptr<feat_t>(), g.data_ptr<grad_t>(), W.data_ptr<acc_t>(), bp, partial.data_ptr<acc_t>(), F, C, RC, P);
+    launch_rows<feat_t, grad_t, acc_t, 1>(grid, stream, h.data_ptr<feat_t>(), g.data_ptr<grad_t>(),
+                                          W.data_ptr<acc_t>(), bp, partial.data_ptr<acc_t>(), F, C, RC, P, wvec);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor grad_dot_cuda(const at::Tensor& feats, const at::Tensor& grad_logits, const at::Tensor& ref_weight,
@@ -135,7 +191,8 @@ at::Tensor grad_dot_cuda(const at::Tensor& feats, const at::Tensor& grad_logits,
   const auto acc = acc_dtype(h.scalar_type());
   const int vmax = 16 / static_cast<int>(h.element_size());
   // 16-byte loads need every feature row to start on a 16-byte boundary
-  const bool aligned = P % vmax == 0 && reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 == 0;
+  const bool aligned = P % vmax == 0 && reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0;
   const int vec = aligned ? vmax : 1;
   const int64_t nblk = std::max<int64_t>(1, (P + kThreads * vec - 1) / (kThreads * vec));
   at::Tensor partial = at::zeros({B, nblk, R, C}, h.options().dtype(acc));

@@ -302,11 +302,14 @@ def dii_scores(
     ref_bias: torch.Tensor | None = None,
     ignore_index: int = 255,
     backend: str | None = None,
+    chunk_size: int | None = 16,
 ) -> torch.Tensor:
     """Per-instance scores ``s_k = <grad_theta' l_k, g_ref>`` for the final 1x1 classifier.
 
     ``feats`` [B, F, h, w] and ``logits_low`` [B, C, h, w] come from one forward pass; ``labels``
     [B, H, W] are at image resolution (ignore value allowed). The DII hypergradient is ``-s_k``.
+    Instances are processed ``chunk_size`` at a time (None: all at once), which bounds the memory of
+    the full-resolution cross-entropy gradient without changing any result.
     Returns [B] (or [B, R] for a stacked [R, C, F] reference), float32.
     """
     if feats.dim() != 4:
@@ -316,8 +319,15 @@ def dii_scores(
             f"dii_scores: `logits_low` {tuple(logits_low.shape)} must be [B, C, h, w] at the resolution of "
             f"`feats` {tuple(feats.shape)}"
         )
-    delta = ce_grad_logits(logits_low, labels, ignore_index)
-    f = feats.detach().flatten(2)
-    if f.dtype == torch.float64:
-        delta = delta.double()
-    return grad_dot(f, delta.flatten(2), ref_weight, ref_bias, backend=backend)
+    if labels.dim() != 3 or labels.shape[0] != feats.shape[0]:
+        raise ValueError(f"dii_scores: `labels` must be [B={feats.shape[0]}, H, W], got {tuple(labels.shape)}")
+    B = feats.shape[0]
+    step = B if not chunk_size or chunk_size <= 0 else chunk_size
+    out = []
+    for i in range(0, max(B, 1), step):
+        delta = ce_grad_logits(logits_low[i : i + step], labels[i : i + step], ignore_index)
+        f = feats[i : i + step].detach().flatten(2)
+        if f.dtype == torch.float64:
+            delta = delta.double()
+        out.append(grad_dot(f, delta.flatten(2), ref_weight, ref_bias, backend=backend))
+    return torch.cat(out) if len(out) > 1 else out[0]

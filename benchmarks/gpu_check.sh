@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One prepared GPU pass: build the extension for this machine's torch, run the test suite (CUDA tests
+# included), then the benchmarks, writing logs and JSON results to OUTDIR.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR [stages]
+#
+# stages (comma-separated, default "build,test,ops,train"):
+#   build  compile hybrid_accel._C in place (CUDA kernels required), with the ptxas resource report
+#   test   pytest: tests/test_ops.py in full, then the rest of the suite (-x, skips what needs wandb)
+#   ops    benchmarks/bench_ops.py (kernel timings, copy-bandwidth roofline)
+#   train  benchmarks/bench_train.py (DCR vs plain throughput, DII update cost), if present
+#   opstest  pytest tests/test_ops.py alone
+#   diag   the C++ error path in isolation (direct dispatcher call with bad shapes), with a backtrace on a crash
+#   cpu    CPU mode: build without CUDA and run the same steps on the CPU (a dry run of this script)
+# At most 8 files come back from the device tool, so logs are grouped per stage.
+set -u -o pipefail
+OUT=${1:?usage: gpu_check.sh OUTDIR [stages]}
+STAGES=${2:-build,test,ops,train}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYBRID_ACCEL_BACKEND=auto
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+DEV=cuda
+BUILD_CUDA=1
+if has cpu; then DEV=cpu; BUILD_CUDA=0; fi
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  nvcc --version 2>/dev/null | tail -1
+} > "$OUT/summary.txt" 2>&1
+
+if has build; then
+  stamp "build (HYBRID_ACCEL_BUILD_CUDA=$BUILD_CUDA)"
+  export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")")}
+  export HYBRID_ACCEL_CUDA_ARCHS=${HYBRID_ACCEL_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  rm -rf build hybrid_accel/_C*.so
+  if HYBRID_ACCEL_BUILD_CUDA=$BUILD_CUDA $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    stamp "build ok"
+  else
+    stamp "BUILD FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1
+  fi
+  if [ "$BUILD_CUDA" = 1 ] && command -v cuobjdump > /dev/null; then
+    cuobjdump --dump-resource-usage hybrid_accel/_C*.so 2>&1 | grep -E "Function|REG" | sed 's/^[[:space:]]*//' >> "$OUT/build.log"
+  fi
+  $PY -c "import hybrid_accel.ops as o, torch; print('ext', o.extension_available(), 'cuda kernels', o._ext.ext_has_kernel('grad_dot', 'cuda'))" | tee -a "$OUT/summary.txt"
+fi
+
+if has test; then
+  stamp "tests: ops"
+  $PY -m pytest tests/test_ops.py -q -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  stamp "ops tests rc=$? : $(tail -1 "$OUT/pytest.log")"
+  stamp "tests: rest of the suite"
+  timeout 240 $PY -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_ops.py \
+    -k "not two_process and not multi_process" >> "$OUT/pytest.log" 2>&1
+  stamp "suite rc=$? : $(tail -1 "$OUT/pytest.log")"
+fi
+
+if has opstest; then
+  stamp "tests: ops only"
+  $PY -m pytest tests/test_ops.py -q -rs -p no:cacheprovider --deselect tests/test_ops.py::test_compiled_kernels_check_inputs_themselves > "$OUT/pytest.log" 2>&1
+  stamp "ops tests rc=$? : $(tail -1 "$OUT/pytest.log")"
+fi
+
+if has diag; then
+  stamp "diag: C++ error path"
+  cat > /tmp/ha_diag.py <<'PYEOF'
+import faulthandler, sys, torch
+faulthandler.enable()
+import hybrid_accel.ops  # noqa: F401  (loads the library)
+dev = sys.argv[1]
+for name, call in [
+    ("aten mm bad shapes", lambda: torch.mm(torch.randn(2, 3, device=dev), torch.randn(4, 5, device=dev))),
+    ("grad_dot bad shapes", lambda: torch.ops.hybrid_accel.grad_dot(torch.randn(2, 4, 10, device=dev), torch.randn(3, 3, 10, device=dev), torch.randn(1, 3, 4, device=dev), None)),
+]:
+    try:
+        call()
+        print(name, "-> no error?!", flush=True)
+    except RuntimeError as e:
+        print(name, "-> RuntimeError:", str(e).splitlines()[0][:160], flush=True)
+PYEOF
+  for d in cpu cuda; do
+    timeout 60 $PY /tmp/ha_diag.py $d >> "$OUT/diag.log" 2>&1; echo "rc($d)=$?" >> "$OUT/diag.log"
+    TORCH_SHOW_CPP_STACKTRACES=0 timeout 60 $PY /tmp/ha_diag.py $d >> "$OUT/diag.log" 2>&1; echo "rc($d, no stacktraces)=$?" >> "$OUT/diag.log"
+  done
+  if grep -q "rc(cpu)=139\|rc(cuda)=139" "$OUT/diag.log" && command -v cuda-gdb > /dev/null; then
+    timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/ha_diag.py cpu 2>&1 | tail -40 >> "$OUT/diag.log"
+  fi
+  stamp "diag done: $(grep -c RuntimeError "$OUT/diag.log") errors caught"
+fi
+
+if has ops; then
+  stamp "bench_ops ($DEV)"
+  preset=gpu; [ "$DEV" = cpu ] && preset=smoke
+  $PY benchmarks/bench_ops.py --device "$DEV" --preset $preset --min-run-time 0.3 --out "$OUT/bench_ops.json" > "$OUT/bench_ops.log" 2>&1
+  stamp "bench_ops rc=$?"
+fi
+
+if has train && [ -f benchmarks/bench_train.py ]; then
+  stamp "bench_train ($DEV)"
+  if [ "$DEV" = cuda ]; then
+    args="--device cuda --backbone resnet50 --size 512 --batch 16 --amp bf16"
+  else
+    args="--device cpu --backbone resnet18 --size 64 --batch 4"
+  fi
+  timeout 300 $PY benchmarks/bench_train.py $args --out "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
+  stamp "bench_train rc=$?"
+fi
+stamp "done"
