@@ -1,0 +1,440 @@
+"""Trainer configuration: a tree of dataclasses, YAML files and ``key=value`` overrides.
+
+Precedence is CLI > YAML > defaults. A YAML file may start from another one with ``base: other.yaml``
+(a path relative to the file), so each baseline or ablation is a few lines on top of a paper setting.
+Overrides name a field as ``section.key=value`` (or ``key=value`` for the top-level fields); values
+are parsed as YAML (``dii.betas=[0.9,0.99]``, ``resume=latest``, ``data.root=null``). An unknown key
+is an error that lists the valid ones. The resolved config is written as ``config.yaml`` in the run
+directory.
+
+Every default has a one-line comment; docs/training.md has the same information as tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "MethodConfig",
+    "DIIConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "LogConfig",
+    "CheckpointConfig",
+    "DebugConfig",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "save_config",
+    "valid_keys",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting; raised before anything is trained."""
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # dataset folder with manifest.csv; null = generate a synthetic one (below)
+    image_size: list[int] = field(default_factory=lambda: [64, 64])  # network input (H, W); images are resized
+    augment: bool = True  # random zoom/rotation/shift, flips, colour jitter on training images
+    train_on: str = "hybrid"  # hybrid | strong | weak | full (full: every train image with its exact mask)
+    ignore_index: int = 255  # label value that never counts in a loss
+    mask_mapping: str | None = None  # raw:class pairs overriding dataset.yaml's mapping (e.g. "0:0,255:1")
+    num_workers: int = 0  # DataLoader worker processes per training process
+    check: bool = True  # validate every manifest row and mask before training (fails naming the file)
+    synthetic_kind: str = "polyp"  # synthetic data: polyp (binary) or asoct (background, cornea, iris)
+    synthetic_dir: str | None = None  # where to write it; null = ~/.cache/hybrid_accel/synth-<kind>-<hash>
+    synthetic_n_train: int = 160  # synthetic train images (strong + weak)
+    synthetic_n_val: int = 24  # synthetic validation images (exact masks)
+    synthetic_n_test: int = 48  # synthetic test images (exact masks)
+    synthetic_size: int = 64  # synthetic image side in pixels
+    synthetic_strong: int = 16  # synthetic strong (exactly annotated) train images
+    synthetic_seed: int = 0  # seed of the synthetic images and weak masks
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm backbone with features_only (paper: resnet50)
+    pretrained: str | None = None  # local weight file for the backbone, "timm" to download, null = random init
+    output_stride: int = 16  # stride of the feature ASPP reads: 8, 16 or 32
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # ASPP dilation rates
+    decoder_channels: int = 64  # width F of ASPP/decoder = classifier input channels (paper: 256)
+    sync_bn: bool | None = None  # SyncBatchNorm across processes; null = on for multi-GPU runs (CUDA only)
+    channels_last: bool = False  # channels-last memory format (faster convolutions on tensor-core GPUs)
+    compile: bool = False  # torch.compile the networks' forward
+    freeze_bn: bool = False  # keep BatchNorm layers in eval mode (running statistics frozen) while training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # SGD learning rate at step 0 (paper: 0.002)
+    momentum: float = 0.9  # SGD momentum (paper: 0.9)
+    weight_decay: float = 5e-5  # SGD weight decay (paper: 5e-5)
+    schedule: str = "poly"  # poly: lr * (1 - t/steps)^power | cosine | constant
+    power: float = 0.9  # exponent of the poly schedule
+    warmup_steps: int = 0  # linear learning-rate warm-up steps before the schedule
+    grad_clip: float | None = None  # clip the global gradient norm to this value; null = off
+
+
+@dataclass
+class MethodConfig:
+    dii: bool = True  # learn a weight gamma per weak image (dynamic instance indicators)
+    dcr: bool = True  # two networks regularising each other on pasted images (dynamic co-regularisation)
+    dii_sampling: bool = True  # primary sampler draws by weight (strong 1, weak gamma); else uniform
+    paste: str = "foreground"  # DCR mixing: foreground (paste a class region of x_i) | cutmix (random box)
+    pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
+    lambda_: float = 4.0  # weight of the DCR regularisation term (paper: 4)
+
+
+@dataclass
+class DIIConfig:
+    tau: int = 400  # network steps between two gamma updates (paper: 400)
+    lr: float = 0.1  # Adam learning rate on gamma (paper: beta = 0.1)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas on gamma (paper: 0.9, 0.999)
+    eps: float = 1e-8  # Adam epsilon on gamma
+    clip: list[float] = field(default_factory=lambda: [0.0, 1.0])  # gamma clipped to [low, high] (paper: [0, 1])
+    init: float = 0.5  # initial gamma of every weak image (paper: 0.5)
+    warmup: int = 0  # no gamma update before this step (the authors' code: 400)
+    strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
+    scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
+    scan_size: int = 1024  # weak images per update when dii.scan = subset
+    scan_batch_size: int = 64  # images per forward pass in the strong pass and the weak scan (per process)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400  # optimiser steps (each one batch per sampler and process, times grad_accum)
+    batch_size: int = 8  # images per sampler, per process and micro-step (paper: 16)
+    grad_accum: int = 1  # micro-batches accumulated per optimiser step
+    mixed_precision: str | None = None  # no | bf16 | fp16; null = from the accelerate config / launch flags
+    cpu: bool = False  # force the CPU even when a GPU is present
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # validation every this many steps (0 = only at the end)
+    batch_size: int = 16  # images per process and step in evaluation
+    metric: str = "mean_dice"  # validation metric that picks the best checkpoint (higher is better)
+    model: str = "auto"  # network whose metric is tracked: auto (ensemble with DCR, else the net) or a name
+    test_on: str = "best"  # weights for the final test evaluation: best (validation) | last
+    overlays: int = 4  # overlay images written (and logged) at each evaluation
+    spacing: list[float] = field(default_factory=lambda: [1.0, 1.0])  # pixel size for ASSD (rows, cols)
+
+
+@dataclass
+class LogConfig:
+    tracking: str = "wandb"  # wandb (offline unless logged in) | none
+    project: str = "hybrid_accel"  # wandb project
+    every: int = 10  # log losses/throughput every this many steps
+    progress: bool = True  # tqdm progress bar on the main process
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # save a checkpoint every this many steps (0 = only at the end)
+    keep_last: int = 1  # step checkpoints kept besides the best one
+
+
+@dataclass
+class DebugConfig:
+    check_gamma: bool = False  # assert that every process holds the same gamma after each update (a collective)
+    dump: bool = False  # write debug/rank<r>.json: sampled indices, gamma checksum per update
+    nan_at_step: int = -1  # poison the loss at this step (tests the NaN stop); -1 = never
+    stop_after: int = -1  # stop (as if interrupted) after this step, without the final stage; -1 = never
+
+
+@dataclass
+class Config:
+    name: str | None = None  # run name; null = derived from the config file and the time
+    seed: int = 0  # seed of initialisation, sampling and augmentation
+    out_dir: str = "runs"  # runs are written to <out_dir>/<name>
+    resume: str | None = None  # latest (this run's newest checkpoint) | a checkpoint folder | null
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    dii: DIIConfig = field(default_factory=DIIConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every settable key, dotted (``dii.tau``)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if _is_section(tp):
+            out.extend(valid_keys(tp, prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _unknown(key: str) -> ConfigError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}. Valid keys: {', '.join(keys)}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a parsed YAML value to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and inner in (int, float):
+            value = [value, value]  # image_size=64 means 64x64
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for p in parts[:-1]:
+        hints = _hints(type(obj))
+        if p not in hints or not _is_section(hints[p]):
+            raise _unknown(key)
+        obj = getattr(obj, p)
+    leaf = parts[-1]
+    hints = _hints(type(obj))
+    if leaf not in hints:
+        raise _unknown(key)
+    if _is_section(hints[leaf]):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: is a section; set its keys ({key}.<name>) or give a mapping")
+        for k, v in value.items():
+            _set(cfg, f"{key}.{k}", v)
+        return
+    setattr(obj, leaf, _coerce(value, hints[leaf], key))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        k = str(k)
+        if isinstance(v, dict) and _section_path(prefix + k):
+            out.extend(_flatten(v, prefix + k + "."))
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def _section_path(dotted: str) -> bool:
+    cls: Any = Config
+    for p in dotted.split("."):
+        hints = _hints(cls)
+        if p not in hints or not _is_section(hints[p]):
+            return False
+        cls = hints[p]
+    return True
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    items: list[tuple[str, Any]] = []
+    base = data.pop("base", None)
+    if base is not None:
+        bases = base if isinstance(base, list) else [base]
+        for b in bases:
+            items.extend(_read_yaml(path.parent / str(b), seen + (path,)))
+    items.extend(_flatten(data))
+    return items
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (for example dii.tau=200)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (and its ``base:`` chain), then the overrides."""
+    cfg = Config()
+    if path is not None:
+        for key, value in _read_yaml(Path(path)):
+            _set(cfg, key, value)
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    for key, value in _flatten(d):
+        _set(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+_CHOICES = {
+    "data.train_on": ("hybrid", "strong", "weak", "full"),
+    "data.synthetic_kind": ("polyp", "asoct"),
+    "optim.schedule": ("poly", "cosine", "constant"),
+    "method.paste": ("foreground", "cutmix"),
+    "method.pseudo_loss": ("ce", "kl"),
+    "dii.scan": ("all", "subset"),
+    "train.mixed_precision": (None, "no", "bf16", "fp16"),
+    "eval.test_on": ("best", "last"),
+    "log.tracking": ("wandb", "none"),
+}
+
+
+def validate_config(cfg: Config) -> None:
+    """Settings that are impossible whatever the data; raises ConfigError listing every problem.
+
+    Checks that need the dataset (DII without strong or weak images, a batch larger than the
+    training set) are done by the trainer once the data is loaded.
+    """
+    p: list[str] = []
+    for key, choices in _CHOICES.items():
+        sec, leaf = key.split(".")
+        v = getattr(getattr(cfg, sec), leaf)
+        if v not in choices:
+            p.append(f"{key}={v!r}: choose one of {', '.join(map(str, choices))}")
+    m, d, t = cfg.method, cfg.dii, cfg.train
+    if d.tau <= 0:
+        p.append(f"dii.tau={d.tau}: the gamma update interval must be a positive number of steps")
+    if m.lambda_ < 0:
+        p.append(f"method.lambda_={m.lambda_}: the DCR regularisation weight cannot be negative")
+    if d.lr <= 0:
+        p.append(f"dii.lr={d.lr}: the gamma learning rate must be positive")
+    if len(d.betas) != 2 or not all(0 <= b < 1 for b in d.betas):
+        p.append(f"dii.betas={d.betas}: two Adam betas in [0, 1)")
+    if len(d.clip) != 2 or d.clip[0] > d.clip[1] or d.clip[0] < 0:
+        p.append(f"dii.clip={d.clip}: [low, high] with 0 <= low <= high")
+    elif not d.clip[0] <= d.init <= d.clip[1]:
+        p.append(f"dii.init={d.init}: must lie in dii.clip={d.clip}")
+    if d.warmup < 0:
+        p.append(f"dii.warmup={d.warmup}: cannot be negative")
+    if d.strong_batches < 0:
+        p.append(f"dii.strong_batches={d.strong_batches}: 0 (whole strong set) or a positive count")
+    if d.scan == "subset" and d.scan_size <= 0:
+        p.append(f"dii.scan_size={d.scan_size}: must be positive with dii.scan=subset")
+    if d.scan_batch_size <= 0:
+        p.append(f"dii.scan_batch_size={d.scan_batch_size}: must be positive")
+    if t.steps <= 0:
+        p.append(f"train.steps={t.steps}: must be positive")
+    if t.batch_size <= 0:
+        p.append(f"train.batch_size={t.batch_size}: must be positive")
+    if t.grad_accum <= 0:
+        p.append(f"train.grad_accum={t.grad_accum}: must be positive")
+    if cfg.optim.lr < 0:
+        p.append(f"optim.lr={cfg.optim.lr}: cannot be negative")
+    if cfg.eval.every < 0 or cfg.checkpoint.every < 0 or cfg.log.every <= 0:
+        p.append("eval.every and checkpoint.every must be >= 0, log.every > 0")
+    if cfg.checkpoint.keep_last < 1:
+        p.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least the last checkpoint")
+    if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) <= 0:
+        p.append(f"data.image_size={cfg.data.image_size}: [H, W] with positive sizes")
+    if m.dii and cfg.data.train_on != "hybrid":
+        p.append(f"method.dii needs strong and weak images; data.train_on={cfg.data.train_on!r} "
+                 "has only one kind (set method.dii=false for this baseline)")
+    if m.dii_sampling and not m.dii:
+        p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
+    if p:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
