@@ -1,0 +1,153 @@
+"""Dynamic Co-Regularisation (DESIGN.md section 3) and the single-network loss.
+
+Per step, ``(x_i, y_i)`` comes from the primary sampler and ``(x_j, y_j)`` from the auxiliary one.
+The loss per pair is::
+
+    w_i * l1(x_i, y_i) + w_j * l2(x_j, y_j) + lambda * (w_i + w_j) / 2 * r,
+    r = l1(x_m, y~_2m) + l2(x_m, y~_1m)
+
+with ``w`` = 1 for strong images and gamma for weak ones (under DII), ``l1``/``l2`` the per-instance
+cross-entropy of network 1/2 (ignore value excluded) and ``y~`` the hard pseudo labels of the other
+network, averaged over the batch.
+
+Order of operations (one forward pass per network over ``cat[x_i, x_j, x_m]``): the mixed image
+``x_m`` must exist *before* the forward, while the pseudo labels need the forward's outputs. So
+:func:`make_mix` first builds the paste mask ``B`` and ``x_m`` (``B = (y_i == c)`` for a class ``c``
+drawn per sample, ``ops._ref.paste_mask_ref`` + ``torch.where``); after the forward,
+:func:`pseudo_labels` calls the fused ``ops.foreground_paste`` with the detached predictions on
+``x_i`` and ``x_j``: it recomputes the same mask from ``(y_i, c)`` and returns the pseudo labels (its
+``x_m`` output is the one already built; the extra write is negligible next to the forward). For
+the CutMix ablation the box mask is drawn before the forward and the pseudo labels come from
+``ops._ref.mix_with_mask_ref`` with that mask.
+
+Nothing warms lambda up: the paper trains with lambda = 4 from the first step and says nothing of
+a ramp, so neither do we.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from . import ops
+from .losses import per_instance_ce, per_instance_kl, weighted_mean
+from .ops import _ref
+
+__all__ = ["Mix", "make_mix", "pseudo_labels", "dcr_loss", "dcr_forward", "single_loss"]
+
+
+class Mix(NamedTuple):
+    x_m: torch.Tensor  # [B, K, H, W] mixed images
+    mask: torch.Tensor  # [B, H, W] bool, True where x_m comes from x_i
+    cls: torch.Tensor  # [B] pasted class (-1: none), or all -1 for CutMix
+
+
+def make_mix(
+    x_i: torch.Tensor,
+    x_j: torch.Tensor,
+    y_i: torch.Tensor,
+    num_classes: int,
+    paste: str = "foreground",
+    ignore_index: int = 255,
+    generator: torch.Generator | None = None,
+) -> Mix:
+    """Paste mask and mixed image, before any forward pass."""
+    B, _, H, W = x_i.shape
+    if paste == "foreground":
+        cls = ops.choose_paste_class(y_i, num_classes, ignore_index, generator).to(y_i.device)
+        mask = _ref.paste_mask_ref(y_i, cls)
+    elif paste == "cutmix":
+        # Same box as ops.cutmix_paste would draw; only the mask is needed here.
+        dummy = x_i.new_zeros(B, 1, H, W)
+        _, mask, _, _ = ops.cutmix_paste(x_i, x_j, dummy, dummy, dummy, dummy, generator=generator)
+        cls = torch.full((B,), -1, dtype=torch.long, device=x_i.device)
+    else:
+        raise ValueError(f"paste must be foreground or cutmix, got {paste!r}")
+    x_m = torch.where(mask.unsqueeze(1), x_i, x_j)
+    return Mix(x_m, mask, cls)
+
+
+@torch.no_grad()
+def pseudo_labels(
+    mix: Mix,
+    x_i: torch.Tensor,
+    x_j: torch.Tensor,
+    y_i: torch.Tensor,
+    p1_i: torch.Tensor,
+    p1_j: torch.Tensor,
+    p2_i: torch.Tensor,
+    p2_j: torch.Tensor,
+    paste: str = "foreground",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo labels ``(y~_1m, y~_2m)`` of networks 1 and 2 on ``x_m`` (detached)."""
+    p = [t.detach() for t in (p1_i, p1_j, p2_i, p2_j)]
+    if paste == "foreground":
+        _, _, y1, y2 = ops.foreground_paste(x_i, x_j, y_i, mix.cls, *p)
+    else:
+        _, _, y1, y2 = _ref.mix_with_mask_ref(x_i, x_j, mix.mask, *p)
+    return y1, y2
+
+
+def _soft_mixed(mask: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(1)
+    return torch.where(m, p_i.detach().float().softmax(1), p_j.detach().float().softmax(1))
+
+
+def dcr_loss(
+    out1: torch.Tensor,
+    out2: torch.Tensor,
+    y_i: torch.Tensor,
+    y_j: torch.Tensor,
+    w_i: torch.Tensor,
+    w_j: torch.Tensor,
+    mix: Mix,
+    x_i: torch.Tensor,
+    x_j: torch.Tensor,
+    lambda_: float = 4.0,
+    paste: str = "foreground",
+    pseudo_loss: str = "ce",
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DCR loss from both networks' logits over ``cat[x_i, x_j, x_m]`` ([3B, C, H, W] each).
+
+    Returns the scalar loss and detached parts for logging.
+    """
+    B = y_i.shape[0]
+    o1_i, o1_j, o1_m = out1.split(B)
+    o2_i, o2_j, o2_m = out2.split(B)
+    l1 = per_instance_ce(o1_i, y_i, ignore_index)
+    l2 = per_instance_ce(o2_j, y_j, ignore_index)
+    if pseudo_loss == "ce":
+        y1m, y2m = pseudo_labels(mix, x_i, x_j, y_i, o1_i, o1_j, o2_i, o2_j, paste)
+        r1 = per_instance_ce(o1_m, y2m, ignore_index)  # network 1 learns network 2's pseudo mask
+        r2 = per_instance_ce(o2_m, y1m, ignore_index)
+    elif pseudo_loss == "kl":
+        r1 = per_instance_kl(o1_m, _soft_mixed(mix.mask, o2_i, o2_j))
+        r2 = per_instance_kl(o2_m, _soft_mixed(mix.mask, o1_i, o1_j))
+    else:
+        raise ValueError(f"pseudo_loss must be ce or kl, got {pseudo_loss!r}")
+    r = r1 + r2
+    w_i = w_i.to(l1)
+    w_j = w_j.to(l1)
+    sup = weighted_mean(l1, w_i) + weighted_mean(l2, w_j)
+    reg = weighted_mean(r, (w_i + w_j) / 2)
+    loss = sup + lambda_ * reg
+    parts = {"loss/sup1": weighted_mean(l1, w_i).detach(), "loss/sup2": weighted_mean(l2, w_j).detach(),
+             "loss/reg": reg.detach(), "loss/total": loss.detach()}
+    return loss, parts
+
+
+def single_loss(
+    logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ignore_index: int = 255
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted cross-entropy of one network (every baseline without DCR)."""
+    loss = weighted_mean(per_instance_ce(logits, y, ignore_index), w)
+    return loss, {"loss/sup1": loss.detach(), "loss/total": loss.detach()}
+
+
+def dcr_forward(net1: Any, net2: Any, x_i: torch.Tensor, x_j: torch.Tensor, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward per network over ``cat[x_i, x_j, x_m]``."""
+    x = torch.cat([x_i, x_j, mix.x_m], dim=0)
+    return net1(x), net2(x)
+

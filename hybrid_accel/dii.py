@@ -1,0 +1,276 @@
+"""Dynamic Instance Indicators (DESIGN.md section 2, the paper's Algorithm 1).
+
+One weight ``gamma[k]`` in [clip] per weak image (strong images weigh 1). Every ``tau`` network steps:
+
+1. ``g_S``: the gradient of the mean cross-entropy over strong images with respect to the primary
+   network's 1x1 classifier, from forward passes in eval mode under ``no_grad``
+   (:func:`hybrid_accel.ops.classifier_grad`). Each process sums its shard of a global list of strong
+   images and the sums are all-reduced, so the mean is the same whatever the number of processes.
+2. The weak scan: for every weak image k (or a random subset), ``s_k = <g_k, g_S>`` with ``g_k`` the
+   gradient of image k's own loss (un-mixed, un-augmented, with its weak mask) from the same kind of
+   forward pass (:func:`hybrid_accel.ops.dii_scores`, the fused ``grad_dot`` op: no per-sample
+   gradient is ever materialised). The scan is sharded across processes; the scores are gathered so
+   every process holds all of them.
+3. The hypergradient ``dL_S/dgamma_k ~= -s_k`` (identity Hessian) drives one Adam step, then gamma is
+   clipped. Every process does the same arithmetic on the same gathered numbers, so gamma is
+   identical everywhere (``debug.check_gamma`` verifies it with a collective).
+
+Adam is written out here (it is five lines) instead of ``torch.optim.Adam`` so that a subset scan
+updates only the scanned entries, each with its own step count (lazy Adam): a torch optimiser
+would also move unscanned gammas along their old momentum. With ``dii.scan=all`` every entry
+has the same step count and the update is exactly ``torch.optim.Adam`` (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import ops
+from .sampling import make_generator
+
+__all__ = ["GammaState", "reference_grad", "weak_scores", "DIIUpdater", "due"]
+
+
+def due(step: int, tau: int, warmup: int) -> bool:
+    """Whether a gamma update follows network step ``step`` (1-based): ``step % tau == 0`` and ``step >= warmup``."""
+    return step > 0 and step % tau == 0 and step >= warmup
+
+
+class GammaState:
+    """gamma and its (lazy) Adam state; lives on the CPU (a few thousand floats)."""
+
+    def __init__(
+        self,
+        n_weak: int,
+        init: float = 0.5,
+        lr: float = 0.1,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip: Sequence[float] = (0.0, 1.0),
+    ):
+        self.n = int(n_weak)
+        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.clip = (float(clip[0]), float(clip[1]))
+        self.gamma = torch.full((self.n,), float(init), dtype=torch.float32)
+        self.exp_avg = torch.zeros(self.n, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros(self.n, dtype=torch.float32)
+        self.steps = torch.zeros(self.n, dtype=torch.int64)
+        self.updates = 0
+
+    def weights(self, weak_index: torch.Tensor) -> torch.Tensor:
+        """Loss weights of a batch: 1 where ``weak_index`` is -1 (strong), else gamma."""
+        wi = torch.as_tensor(weak_index).long().cpu()
+        w = torch.ones(wi.shape, dtype=torch.float32)
+        weak = wi >= 0
+        w[weak] = self.gamma[wi[weak]]
+        return w
+
+    @torch.no_grad()
+    def step(self, index: torch.Tensor, hypergrad: torch.Tensor) -> None:
+        """One Adam step (descent on ``hypergrad``) on the entries ``index``, then clip."""
+        idx = torch.as_tensor(index).long().cpu()
+        g = torch.as_tensor(hypergrad, dtype=torch.float32).cpu()
+        b1, b2 = self.betas
+        m = self.exp_avg[idx].mul_(b1).add_(g, alpha=1 - b1)
+        v = self.exp_avg_sq[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
+        t = self.steps[idx] + 1
+        bc1 = 1 - b1 ** t.double()
+        bc2 = 1 - b2 ** t.double()
+        step_size = (self.lr / bc1).float()
+        denom = (v.sqrt() / bc2.sqrt().float()).add_(self.eps)
+        p = self.gamma[idx] - step_size * m / denom
+        self.exp_avg[idx], self.exp_avg_sq[idx], self.steps[idx] = m, v, t
+        self.gamma[idx] = p.clamp_(*self.clip)
+        self.updates += 1
+
+    def checksum(self) -> float:
+        # position-weighted, so a permutation of gammas between images changes it too
+        w = torch.arange(1, self.n + 1, dtype=torch.float64)
+        return float((self.gamma.double() * w).sum()) if self.n else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gamma": self.gamma.clone(), "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "steps": self.steps.clone(), "updates": self.updates}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd["gamma"].numel() != self.n:
+            raise ValueError(f"checkpoint has {sd['gamma'].numel()} gammas, this dataset has {self.n} weak images")
+        self.gamma = sd["gamma"].float().clone()
+        self.exp_avg = sd["exp_avg"].float().clone()
+        self.exp_avg_sq = sd["exp_avg_sq"].float().clone()
+        self.steps = sd["steps"].long().clone()
+        self.updates = int(sd["updates"])
+
+
+def _forward_features(model: nn.Module, x: torch.Tensor, autocast) -> Any:
+    with autocast():
+        return model(x, return_features=True)
+
+
+def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(Subset(dataset, list(map(int, indices))), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers)
+
+
+@torch.no_grad()
+def reference_grad(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int],
+    accelerator: Any,
+    batch_size: int,
+    ignore_index: int = 255,
+    autocast=contextlib.nullcontext,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g_S`` = gradient of the mean loss over the strong images ``indices`` (global list) w.r.t. the
+    classifier (weight [C, F], bias [C]), fp32, identical on every process."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    cls = model.classifier
+    gW = torch.zeros(cls.weight.shape[:2], dtype=torch.float32, device=device)
+    gb = torch.zeros(cls.weight.shape[0], dtype=torch.float32, device=device)
+    local = list(indices)[rank::world]
+    if local:
+        for batch in _loader(dataset, local, batch_size, num_workers):
+            x = batch["image"].to(device)
+            y = batch["mask"].to(device)
+            out = _forward_features(model, x, autocast)
+            w, b = ops.classifier_grad(out.feats, out.logits_low, y, ignore_index)
+            n = x.shape[0]  # classifier_grad averages over its batch: back to a sum
+            gW += w.float() * n
+            gb += b.float() * n
+    if world > 1:
+        gW = accelerator.reduce(gW, reduction="sum")
+        gb = accelerator.reduce(gb, reduction="sum")
+    total = max(1, len(indices))
+    return gW / total, gb / total
+
+
+@torch.no_grad()
+def weak_scores(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int],
+    ref: tuple[torch.Tensor, torch.Tensor],
+    accelerator: Any,
+    batch_size: int,
+    ignore_index: int = 255,
+    autocast=contextlib.nullcontext,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """``s_k = <g_k, g_ref>`` for the dataset items ``indices`` (global list), sharded across
+    processes and gathered: returns a CPU float32 tensor aligned with ``indices`` on every process."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    n = len(indices)
+    per = math.ceil(n / world) if n else 0
+    positions = list(range(rank, n, world))
+    local_scores = torch.zeros(per, dtype=torch.float32, device=device)
+    local_pos = torch.full((per,), -1, dtype=torch.int64, device=device)  # -1: padding (equal shapes to gather)
+    local_pos[: len(positions)] = torch.as_tensor(positions, dtype=torch.int64, device=device)
+    W, b = ref
+    k = 0
+    if positions:
+        for batch in _loader(dataset, [indices[p] for p in positions], batch_size, num_workers):
+            x = batch["image"].to(device)
+            y = batch["mask"].to(device)
+            out = _forward_features(model, x, autocast)
+            s = ops.dii_scores(out.feats, out.logits_low, y, W, b, ignore_index)
+            local_scores[k:k + s.shape[0]] = s.float()
+            k += s.shape[0]
+    if world > 1:
+        all_scores = accelerator.gather(local_scores).cpu()
+        all_pos = accelerator.gather(local_pos).cpu()
+    else:
+        all_scores, all_pos = local_scores.cpu(), local_pos.cpu()
+    out = torch.zeros(n, dtype=torch.float32)
+    keep = all_pos >= 0
+    out[all_pos[keep]] = all_scores[keep]
+    return out
+
+
+class DIIUpdater:
+    """Runs one gamma update: strong reference gradient, weak scan, Adam step (see the module doc).
+
+    ``dataset`` must be the training split without augmentation (the eval transform), with weak
+    images carrying their weak masks; ``strong_indices`` / ``weak_indices`` are its dataset indices.
+    """
+
+    def __init__(
+        self,
+        gamma: GammaState,
+        dataset: Dataset,
+        strong_indices: np.ndarray,
+        weak_indices: np.ndarray,
+        cfg: Any,
+        seed: int,
+        ignore_index: int = 255,
+        batch_size_strong: int = 8,
+        num_workers: int = 0,
+    ):
+        self.gamma = gamma
+        self.dataset = dataset
+        self.strong_indices = np.asarray(strong_indices)
+        self.weak_indices = np.asarray(weak_indices)
+        self.cfg = cfg  # a DIIConfig
+        self.seed = seed
+        self.ignore_index = ignore_index
+        self.batch_size_strong = batch_size_strong
+        self.num_workers = num_workers
+
+    def strong_set(self, step: int, world: int) -> list[int]:
+        """Global list of strong items for g_S: all, or ``strong_batches`` batches drawn for this step."""
+        n = len(self.strong_indices)
+        k = self.cfg.strong_batches
+        if k <= 0:
+            return self.strong_indices.tolist()
+        want = k * self.batch_size_strong * world
+        g = make_generator(self.seed, "dii-strong", step)
+        reps = math.ceil(want / n)
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:want]
+        return self.strong_indices[order.numpy()].tolist()
+
+    def scan_set(self, step: int) -> np.ndarray:
+        """Weak ranks (0..n_weak-1) scanned at this update."""
+        n = len(self.weak_indices)
+        if self.cfg.scan == "all" or self.cfg.scan_size >= n:
+            return np.arange(n)
+        g = make_generator(self.seed, "dii-scan", step)
+        return np.sort(torch.randperm(n, generator=g)[: self.cfg.scan_size].numpy())
+
+    def update(self, model: nn.Module, accelerator: Any, step: int, autocast=contextlib.nullcontext) -> dict:
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            strong = self.strong_set(step, accelerator.num_processes)
+            ref = reference_grad(model, self.dataset, strong, accelerator, self.cfg.scan_batch_size,
+                                 self.ignore_index, autocast, self.num_workers)
+            t1 = time.perf_counter()
+            ranks = self.scan_set(step)
+            scores = weak_scores(model, self.dataset, self.weak_indices[ranks].tolist(), ref, accelerator,
+                                 self.cfg.scan_batch_size, self.ignore_index, autocast, self.num_workers)
+        finally:
+            model.train(was_training)
+        t2 = time.perf_counter()
+        self.gamma.step(torch.as_tensor(ranks), -scores)  # hypergradient = -s_k
+        return {
+            "dii/score_mean": float(scores.mean()) if scores.numel() else 0.0,
+            "dii/score_pos_frac": float((scores > 0).float().mean()) if scores.numel() else 0.0,
+            "dii/gamma_mean": float(self.gamma.gamma.mean()),
+            "dii/gamma_std": float(self.gamma.gamma.std()) if self.gamma.n > 1 else 0.0,
+            "dii/g_s_norm": float(torch.sqrt((ref[0] ** 2).sum() + (ref[1] ** 2).sum())),
+            "dii/seconds_strong": t1 - t0,
+            "dii/seconds_scan": t2 - t1,
+            "dii/scanned": int(len(ranks)),
+        }

@@ -1,0 +1,125 @@
+"""DCR: mixing before the forward, pseudo labels after it, and the loss of DESIGN.md section 3."""
+
+import torch
+
+from hybrid_accel import ops
+from hybrid_accel.dcr import dcr_forward, dcr_loss, make_mix, pseudo_labels, single_loss
+from hybrid_accel.losses import per_instance_ce, per_instance_kl
+
+
+def _batch(B=4, C=3, H=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_i = torch.randn(B, 3, H, H, generator=g)
+    x_j = torch.randn(B, 3, H, H, generator=g)
+    y_i = torch.randint(0, C, (B, H, H), generator=g)
+    y_i[-1] = 0  # no foreground: nothing pasted
+    y_i[0, 0] = 255
+    y_j = torch.randint(0, C, (B, H, H), generator=g)
+    return x_i, x_j, y_i, y_j
+
+
+def test_foreground_mix_matches_fused_op():
+    C = 3
+    x_i, x_j, y_i, _ = _batch(C=C)
+    mix = make_mix(x_i, x_j, y_i, C, "foreground", generator=torch.Generator().manual_seed(1))
+    assert mix.cls[-1] == -1 and not mix.mask[-1].any()
+    for b in range(3):
+        assert mix.cls[b] >= 1
+        assert torch.equal(mix.mask[b], y_i[b] == mix.cls[b])
+    torch.testing.assert_close(mix.x_m, torch.where(mix.mask[:, None], x_i, x_j))
+    preds = [torch.randn(4, C, 8, 8) for _ in range(4)]
+    x_m, mask, y1, y2 = ops.foreground_paste(x_i, x_j, y_i, mix.cls, *preds)
+    assert torch.equal(mask, mix.mask) and torch.equal(x_m, mix.x_m)
+    p1, p2 = pseudo_labels(mix, x_i, x_j, y_i, *preds)
+    assert torch.equal(p1, y1) and torch.equal(p2, y2)
+    # by hand: the pasted region takes network k's label on x_i, the rest its label on x_j
+    want1 = torch.where(mix.mask, preds[0].argmax(1), preds[1].argmax(1))
+    assert torch.equal(p1, want1)
+
+
+def test_cutmix_mix_is_a_box():
+    x_i, x_j, y_i, _ = _batch()
+    mix = make_mix(x_i, x_j, y_i, 3, "cutmix", generator=torch.Generator().manual_seed(2))
+    for b in range(4):
+        rows = mix.mask[b].any(1).nonzero().flatten()
+        cols = mix.mask[b].any(0).nonzero().flatten()
+        box = mix.mask[b][rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and mix.mask[b].sum() == box.numel()
+    preds = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    p1, _ = pseudo_labels(mix, x_i, x_j, y_i, *preds, paste="cutmix")
+    assert torch.equal(p1, torch.where(mix.mask, preds[0].argmax(1), preds[1].argmax(1)))
+
+
+def test_dcr_loss_formula_and_gradient_routing():
+    C, B = 3, 4
+    x_i, x_j, y_i, y_j = _batch(B=B, C=C)
+    mix = make_mix(x_i, x_j, y_i, C, "foreground", generator=torch.Generator().manual_seed(3))
+    out1 = torch.randn(3 * B, C, 8, 8, requires_grad=True)
+    out2 = torch.randn(3 * B, C, 8, 8, requires_grad=True)
+    w_i = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    w_j = torch.tensor([0.25, 1.0, 1.0, 0.75])
+    lam = 4.0
+    loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam)
+    o1_i, o1_j, o1_m = out1.detach().split(B)
+    o2_i, o2_j, o2_m = out2.detach().split(B)
+    y1m = torch.where(mix.mask, o1_i.argmax(1), o1_j.argmax(1))
+    y2m = torch.where(mix.mask, o2_i.argmax(1), o2_j.argmax(1))
+    r = per_instance_ce(o1_m, y2m) + per_instance_ce(o2_m, y1m)
+    want = (w_i * per_instance_ce(o1_i, y_i) + w_j * per_instance_ce(o2_j, y_j) + lam * (w_i + w_j) / 2 * r).mean()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(parts["loss/total"], want)
+    loss.backward()
+    # network 1's outputs on x_j and network 2's on x_i only make pseudo labels: no gradient
+    assert out1.grad[B:2 * B].abs().max() == 0
+    assert out2.grad[:B].abs().max() == 0
+    assert out1.grad[:B].abs().max() > 0 and out1.grad[2 * B:].abs().max() > 0
+    # w_i[2] = 0: no supervised gradient on x_i[2]; its mixed image still counts with (0 + 1) / 2
+    assert out1.grad[2].abs().max() == 0 and out1.grad[2 * B + 2].abs().max() > 0
+    loss0, _ = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 0.0)
+    want0 = (w_i * per_instance_ce(o1_i, y_i) + w_j * per_instance_ce(o2_j, y_j)).mean()
+    torch.testing.assert_close(loss0.detach(), want0)
+
+
+def test_supervised_term_of_zero_weight_instance_has_no_gradient():
+    C, B = 2, 2
+    x_i, x_j, y_i, y_j = _batch(B=B, C=C)
+    mix = make_mix(x_i, x_j, y_i, C, "foreground")
+    out1 = torch.randn(3 * B, C, 8, 8, requires_grad=True)
+    out2 = torch.randn(3 * B, C, 8, 8, requires_grad=True)
+    loss, _ = dcr_loss(out1, out2, y_i, y_j, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]), mix, x_i, x_j, 4.0)
+    loss.backward()
+    assert out1.grad[0].abs().max() == 0 and out1.grad[2 * B].abs().max() == 0  # (w_i + w_j)/2 = 0 too
+
+
+def test_kl_variant():
+    C, B = 3, 4
+    x_i, x_j, y_i, y_j = _batch(B=B, C=C)
+    mix = make_mix(x_i, x_j, y_i, C, "foreground")
+    out1, out2 = torch.randn(3 * B, C, 8, 8), torch.randn(3 * B, C, 8, 8)
+    w = torch.ones(B)
+    loss, parts = dcr_loss(out1, out2, y_i, y_j, w, w, mix, x_i, x_j, 1.0, pseudo_loss="kl")
+    o1_i, o1_j, o1_m = out1.split(B)
+    o2_i, o2_j, o2_m = out2.split(B)
+    m = mix.mask[:, None]
+    t2 = torch.where(m, o2_i.softmax(1), o2_j.softmax(1))
+    t1 = torch.where(m, o1_i.softmax(1), o1_j.softmax(1))
+    r = per_instance_kl(o1_m, t2) + per_instance_kl(o2_m, t1)
+    torch.testing.assert_close(parts["loss/reg"], r.mean())
+    assert torch.isfinite(loss)
+
+
+def test_single_loss_and_dcr_forward_shapes():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.c(x)
+
+    x_i, x_j, y_i, _ = _batch(B=2, C=2)
+    mix = make_mix(x_i, x_j, y_i, 2, "foreground")
+    a, b = dcr_forward(Net(), Net(), x_i, x_j, mix)
+    assert a.shape == b.shape == (6, 2, 8, 8)
+    loss, _ = single_loss(a[:2], y_i, torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(loss, (per_instance_ce(a[:2], y_i) * torch.tensor([1.0, 0.5])).mean())

@@ -1,0 +1,153 @@
+"""DII: hypergradient sign and scale on cases small enough to check by hand, and gamma's Adam."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybrid_accel.dii import DIIUpdater, GammaState, due, reference_grad, weak_scores
+from hybrid_accel.model import SegOutput
+from hybrid_accel.sampling import StepSampler, hybrid_weights
+
+
+class FeatNet(nn.Module):
+    """``feats = x``: the classifier sees the 'image' directly, so gradients are explicit."""
+
+    def __init__(self, F_, C):
+        super().__init__()
+        self.classifier = nn.Conv2d(F_, C, 1)
+
+    def forward(self, x, return_features=False):
+        z = self.classifier(x)
+        return SegOutput(z, z, x) if return_features else z
+
+
+def _acc():
+    return SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+
+
+def _items(x, y):
+    return [{"image": x[k], "mask": y[k]} for k in range(len(x))]
+
+
+def _per_sample_grads(net, x, y):
+    """Explicit per-instance gradient of l_k (mean CE over valid pixels) wrt the classifier, float64."""
+    out = []
+    for k in range(len(x)):
+        net.zero_grad()
+        z = net(x[k : k + 1].double())
+        valid = y[k] != 255
+        loss = F.cross_entropy(z, y[k : k + 1], ignore_index=255, reduction="sum") / valid.sum().clamp(min=1)
+        loss.backward()
+        out.append(torch.cat([net.classifier.weight.grad.flatten(), net.classifier.bias.grad]).clone())
+    return torch.stack(out)
+
+
+def test_hypergradient_by_hand_one_pixel():
+    # One pixel, one feature, two classes, zero-initialised classifier: p = (0.5, 0.5), so
+    # dl/dz = p - onehot = (-0.5, +0.5) for label 0 and (+0.5, -0.5) for label 1, and
+    # dl/dW = (dl/dz) h. Strong image: h = 2, label 1 -> g_S = (W: (+1, -1), b: (+0.5, -0.5)).
+    # Weak image A (h = 4, label 1, agrees):  g_A = (W: (+2, -2), b: (+.5, -.5)) -> s_A = 2+2+.25+.25 = 4.5
+    # Weak image B (h = 4, label 0, inverted): s_B = -4.5.
+    net = FeatNet(1, 2)
+    nn.init.zeros_(net.classifier.weight)
+    nn.init.zeros_(net.classifier.bias)
+    xs = torch.tensor([2.0]).view(1, 1, 1, 1)
+    ys = torch.tensor([1]).view(1, 1, 1)
+    gW, gb = reference_grad(net, _items(xs, ys), [0], _acc(), batch_size=4)
+    torch.testing.assert_close(gW, torch.tensor([[1.0], [-1.0]]))
+    torch.testing.assert_close(gb, torch.tensor([0.5, -0.5]))
+    xw = torch.tensor([4.0, 4.0]).view(2, 1, 1, 1)
+    yw = torch.tensor([1, 0]).view(2, 1, 1)
+    s = weak_scores(net, _items(xw, yw), [0, 1], (gW, gb), _acc(), batch_size=4)
+    torch.testing.assert_close(s, torch.tensor([4.5, -4.5]))
+    # hypergradient = -s; Adam's first step moves by exactly lr against its sign
+    g = GammaState(2, init=0.5, lr=0.1)
+    g.step(torch.tensor([0, 1]), -s)
+    torch.testing.assert_close(g.gamma, torch.tensor([0.6, 0.4]))
+
+
+def test_scores_match_explicit_per_sample_gradients():
+    torch.manual_seed(0)
+    B, F_, C, H = 6, 5, 3, 4
+    net = FeatNet(F_, C).double()
+    x = torch.randn(B, F_, H, H, dtype=torch.float64)
+    y = torch.randint(0, C, (B, H, H))
+    y[0, :2] = 255  # ignore pixels never count
+    strong, weak = [0, 1, 2], [3, 4, 5]
+    G = _per_sample_grads(net, x, y)
+    g_ref = G[strong].mean(0)
+    gW, gb = reference_grad(net, _items(x, y), strong, _acc(), batch_size=2)
+    torch.testing.assert_close(torch.cat([gW.flatten(), gb]).double(), g_ref, rtol=1e-5, atol=1e-6)
+    s = weak_scores(net, _items(x, y), weak, (gW.double(), gb.double()), _acc(), batch_size=2)
+    torch.testing.assert_close(s.double(), G[weak] @ g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gamma_adam_equals_torch_adam_and_clips():
+    torch.manual_seed(1)
+    n = 7
+    g = GammaState(n, init=0.5, lr=0.1, betas=(0.9, 0.999), clip=(0.0, 1.0))
+    p = torch.full((n,), 0.5, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.1, betas=(0.9, 0.999))
+    for _ in range(12):
+        hg = torch.randn(n) * 3
+        g.step(torch.arange(n), hg)
+        opt.zero_grad()
+        p.grad = hg.clone()
+        opt.step()
+        with torch.no_grad():
+            p.clamp_(0, 1)
+        torch.testing.assert_close(g.gamma, p.detach(), rtol=1e-5, atol=1e-6)
+    # consistent sign -> saturates at the clip bounds
+    g2 = GammaState(2, init=0.5, lr=0.1)
+    for _ in range(10):
+        g2.step(torch.tensor([0, 1]), torch.tensor([-1.0, 1.0]))
+    assert g2.gamma.tolist() == [1.0, 0.0]
+
+
+def test_subset_update_leaves_unscanned_entries():
+    g = GammaState(5, init=0.5, lr=0.1)
+    g.step(torch.tensor([1, 3]), torch.tensor([-2.0, 2.0]))
+    g.step(torch.tensor([0]), torch.tensor([1.0]))
+    torch.testing.assert_close(g.gamma, torch.tensor([0.4, 0.6, 0.5, 0.4, 0.5]))
+    assert g.steps.tolist() == [1, 1, 0, 1, 0]
+    sd = g.state_dict()
+    h = GammaState(5)
+    h.load_state_dict(sd)
+    assert torch.equal(h.gamma, g.gamma) and h.checksum() == g.checksum()
+    with pytest.raises(ValueError, match="weak images"):
+        GammaState(4).load_state_dict(sd)
+
+
+def test_weights_and_due():
+    g = GammaState(3, init=0.25)
+    w = g.weights(torch.tensor([-1, 2, 0, -1]))
+    assert w.tolist() == [1.0, 0.25, 0.25, 1.0]
+    assert [t for t in range(1, 13) if due(t, 4, 0)] == [4, 8, 12]
+    assert [t for t in range(1, 13) if due(t, 4, 8)] == [8, 12]
+
+
+def test_updater_scan_subset_and_strong_batches():
+    cfg = SimpleNamespace(strong_batches=2, scan="subset", scan_size=3)
+    up = DIIUpdater(GammaState(10), None, np.array([0, 1, 2]), np.arange(3, 13), cfg, seed=0, batch_size_strong=2)
+    s1, s2 = up.scan_set(5), up.scan_set(5)
+    assert len(s1) == 3 and np.array_equal(s1, s2) and not np.array_equal(s1, up.scan_set(6))
+    strong = up.strong_set(5, world=2)
+    assert len(strong) == 8 and set(strong) <= {0, 1, 2}
+    cfg.strong_batches = 0
+    assert up.strong_set(5, world=2) == [0, 1, 2]
+
+
+def test_sampler_is_stateless_and_weighted():
+    w = hybrid_weights(np.array([0, 1, 1, 1]), np.array([-1, 0, 1, 2]), torch.tensor([0.0, 1.0, 0.0]))
+    assert w.tolist() == [1.0, 0.0, 1.0, 0.0]
+    s = StepSampler(4, 64, seed=3, stream="primary", rank=0, weights=w)
+    assert set(s.indices(10).tolist()) <= {0, 2}
+    assert np.array_equal(s.indices(10), s.indices(10))
+    assert not np.array_equal(s.indices(10), s.indices(11))
+    other = StepSampler(4, 64, seed=3, stream="primary", rank=1, weights=w)
+    assert not np.array_equal(s.indices(10), other.indices(10))
+    assert s.batch(10)[0][1] != other.batch(10)[0][1]  # augmentation seeds differ per rank too
