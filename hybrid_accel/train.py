@@ -1,0 +1,635 @@
+"""Train DII + DCR (and every baseline/ablation) under Accelerate.
+
+    accelerate launch -m hybrid_accel.train --config configs/polyp.yaml [key=value ...]
+    python -m hybrid_accel.train                      # full method on a small synthetic polyp set
+    python -m hybrid_accel.train --config configs/polyp.yaml --resume   # continue the newest run
+
+Config precedence is CLI > YAML > defaults (hybrid_accel/config.py); ``--print-config`` shows the
+resolved config and exits. Everything a run writes goes to ``<out_dir>/<name>``: ``config.yaml``,
+``checkpoints/``, ``eval/``, ``test/``, ``export/*.safetensors``, ``gamma.csv`` and ``wandb/``.
+
+Per step (DESIGN.md sections 2-3): a batch from the primary sampler (weights 1 / gamma) and one
+from the auxiliary sampler (uniform); with DCR each network does one forward over
+``cat[x_i, x_j, x_m]``; every ``dii.tau`` steps gamma takes one Adam step from the primary
+network's classifier gradients (hybrid_accel.dii). Exit status: 0 done, 2 bad config or data,
+3 non-finite loss (the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
+from .dcr import dcr_forward, dcr_loss, make_mix, single_loss
+from .dii import DIIUpdater, GammaState, due
+from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
+
+__all__ = ["main", "train", "TrainingDiverged", "parse_args", "lr_factor"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the message names the step."""
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
+    p = argparse.ArgumentParser(
+        prog="python -m hybrid_accel.train",
+        description="Hybrid-supervised segmentation (DII + DCR) under Accelerate.",
+        epilog="Overrides: section.key=value, e.g. dii.tau=200 method.dcr=false train.steps=1000",
+    )
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults = synthetic demo)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint of this run (or the given checkpoint folder)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    if cfg.name is None:
+        cfg.name = Path(args.config).stem if args.config else "synthetic-polyp"
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        raise SystemExit(0)
+    return cfg, args.config
+
+
+# ------------------------------------------------------------------------------------- helpers
+def lr_factor(step: int, cfg: Config) -> float:
+    """Learning-rate multiplier at (0-based) step: linear warm-up, then poly / cosine / constant."""
+    o = cfg.optim
+    total = cfg.train.steps
+    if o.warmup_steps > 0 and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    t = min(1.0, max(0.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps)))
+    if o.schedule == "poly":
+        return (1.0 - t) ** o.power
+    if o.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
+def _synthetic_root(cfg: Config) -> Path:
+    d = cfg.data
+    key = (d.synthetic_kind, d.synthetic_n_train, d.synthetic_n_val, d.synthetic_n_test, d.synthetic_size,
+           d.synthetic_strong, d.synthetic_seed, 1)
+    if d.synthetic_dir:
+        return Path(d.synthetic_dir).expanduser()
+    base = Path(os.environ.get("HYBRID_ACCEL_CACHE", Path.home() / ".cache" / "hybrid_accel"))
+    return base / f"synth-{d.synthetic_kind}-{derive_seed(*key) % 16**10:010x}"
+
+
+def prepare_data(cfg: Config, accelerator: Any) -> Path:
+    """The dataset folder: ``data.root``, or a synthetic set generated once (on the main process)."""
+    from .data import make_synthetic_hybrid
+
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    root = _synthetic_root(cfg)
+    d = cfg.data
+    if accelerator.is_local_main_process and not (root / "manifest.csv").is_file():
+        _say(accelerator, f"writing a synthetic {d.synthetic_kind} dataset to {root}")
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        make_synthetic_hybrid(tmp, kind=d.synthetic_kind, n_train=d.synthetic_n_train, n_val=d.synthetic_n_val,
+                              n_test=d.synthetic_n_test, size=d.synthetic_size, strong_count=d.synthetic_strong,
+                              seed=d.synthetic_seed, workers=min(2, os.cpu_count() or 1))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, root)  # whole folder at once; a concurrent writer's copy is equivalent
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return root
+
+
+def build_datasets(cfg: Config, root: Path) -> dict[str, Any]:
+    from .data import HybridDataset
+
+    d = cfg.data
+    kinds = {"hybrid": ("strong", "weak"), "strong": ("strong",), "weak": ("weak",), "full": ("strong", "weak")}[d.train_on]
+    common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index)
+    if d.mask_mapping:
+        common["mask_mapping"] = d.mask_mapping
+    out = {
+        "train": HybridDataset(root, "train", kinds, augment=d.augment, use_true_masks=d.train_on == "full", **common),
+        # the DII pass: no augmentation, weak images with their own weak masks
+        "scan": HybridDataset(root, "train", kinds, augment=False, **common) if cfg.method.dii else None,
+        # evaluation against exact masks only
+        "val": HybridDataset(root, "val", ("strong",), **common),
+        "test": HybridDataset(root, "test", ("strong",), **common),
+    }
+    return out
+
+
+def check_against_data(cfg: Config, train_ds: Any) -> None:
+    p = []
+    n, ns, nw = len(train_ds), len(train_ds.strong_indices), len(train_ds.weak_indices)
+    where = f"the train split of {train_ds.root}"
+    if n == 0:
+        p.append(f"data.train_on={cfg.data.train_on!r}: {where} has no image of that kind")
+    if cfg.method.dii and ns == 0:
+        p.append(f"method.dii needs strong images for its reference gradient; {where} has none")
+    if cfg.method.dii and nw == 0:
+        p.append(f"method.dii needs weak images to weigh; {where} has none")
+    if n and cfg.train.batch_size > n:
+        p.append(f"train.batch_size={cfg.train.batch_size} is larger than the training set ({n} images)")
+    if p:
+        raise ConfigError("invalid configuration for this dataset:\n  - " + "\n  - ".join(p))
+
+
+def _resolve_run_dir(cfg: Config, accelerator: Any) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from). Decided on the main process, broadcast."""
+    from accelerate.utils import broadcast_object_list
+
+    obj: list[Any] = [None, None, None]
+    if accelerator.is_main_process:
+        out = Path(cfg.out_dir).expanduser()
+        pat = re.compile(rf"^{re.escape(cfg.name)}(-\d+)?$")
+        siblings = sorted((p for p in out.glob(f"{cfg.name}*") if p.is_dir() and pat.match(p.name)),
+                          key=lambda p: (int(p.name.rsplit("-", 1)[1]) if p.name != cfg.name else 1))
+        resume = None
+        err = None
+        if cfg.resume and cfg.resume != "latest":
+            resume = Path(cfg.resume).expanduser()
+            if not (resume / ckpt.TRAINER_STATE).is_file():
+                err = f"resume={cfg.resume}: not a checkpoint folder (no {ckpt.TRAINER_STATE})"
+            run_dir = resume.parent.parent
+        elif cfg.resume == "latest":
+            with_ck = [p for p in siblings if ckpt.latest_checkpoint(p) is not None]
+            if not with_ck:
+                err = f"resume=latest: no checkpoint of a run named {cfg.name!r} under {out}"
+                run_dir = out / cfg.name
+            else:
+                run_dir = with_ck[-1]
+                resume = ckpt.latest_checkpoint(run_dir)
+        else:
+            run_dir = out / cfg.name
+            taken = {p.name for p in siblings if (p / ckpt.CKPT_DIR).exists() or (p / "config.yaml").exists()}
+            k = 1
+            while run_dir.name in taken:
+                k += 1
+                run_dir = out / f"{cfg.name}-{k}"
+        obj = [str(run_dir), None if resume is None else str(resume), err]
+    broadcast_object_list(obj)
+    if obj[2]:
+        raise ConfigError(obj[2])
+    return Path(obj[0]), (Path(obj[1]) if obj[1] else None)
+
+
+def _setup_wandb(run_dir: Path) -> None:
+    """Offline unless the user is logged in (WANDB_API_KEY or a stored key); files under the run."""
+    if "WANDB_MODE" not in os.environ:
+        logged_in = bool(os.environ.get("WANDB_API_KEY"))
+        if not logged_in:
+            netrc = Path.home() / ".netrc"
+            logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        if not logged_in:
+            os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class _Meter:
+    """Device-side running sums of the loss parts, read (a host sync) only when logged."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.n += 1
+
+    def read(self) -> dict[str, float]:
+        out = {k: float(v) / max(1, self.n) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+# ----------------------------------------------------------------------------------- training
+def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
+    """Run one training job; returns ``{"run_dir", "step", "test", "val_best", "gamma"}``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .data import DatasetError, validate_dataset
+    from .evaluate import evaluate, format_summary
+    from .model import build_model, export_model
+
+    validate_config(cfg)
+    if cfg.name is None:
+        cfg.name = Path(config_path).stem if config_path else "synthetic-polyp"
+    tracking = cfg.log.tracking != "none"
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        cpu=cfg.train.cpu,
+        log_with="wandb" if tracking else None,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+    )
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    run_dir, resume_from = _resolve_run_dir(cfg, accelerator)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    # ---- data
+    root = prepare_data(cfg, accelerator)
+    if cfg.data.check:
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                validate_dataset(root, mask_mapping=cfg.data.mask_mapping, require_strong=cfg.data.train_on != "weak",
+                                 decode_images=False, workers=4)
+            except DatasetError as e:
+                problem = str(e)
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem]
+        broadcast_object_list(box)
+        if box[0]:
+            raise DatasetError(box[0])
+    ds = build_datasets(cfg, root)
+    train_ds = ds["train"]
+    check_against_data(cfg, train_ds)
+    num_classes, ignore = train_ds.num_classes, cfg.data.ignore_index
+    class_names = train_ds.manifest.meta.get("class_names")
+    weak_rank = np.full(len(train_ds), -1, dtype=np.int64)
+    weak_rank[train_ds.weak_indices] = np.arange(len(train_ds.weak_indices))
+
+    # ---- networks, optimiser: one prepare
+    n_nets = 2 if cfg.method.dcr else 1
+    sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else (world > 1 and device.type != "cpu")
+    nets = []
+    for k in range(n_nets):
+        torch.manual_seed(derive_seed(cfg.seed, "init", k))  # different decoders, same pretrained backbone
+        net = build_model(cfg.model.backbone, num_classes, cfg.model.output_stride, tuple(cfg.model.aspp_rates),
+                          cfg.model.decoder_channels, pretrained=cfg.model.pretrained,
+                          channels_last=cfg.model.channels_last, compile=cfg.model.compile)
+        if sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        nets.append(net)
+    params = [p for n in nets for p in n.parameters()]
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    eval_loaders = {}
+    for split in ("val", "test"):
+        if len(ds[split]):
+            eval_loaders[split] = DataLoader(ds[split], batch_size=cfg.eval.batch_size, shuffle=False,
+                                             num_workers=cfg.data.num_workers)
+    prepared = accelerator.prepare(*nets, optimizer, *eval_loaders.values())
+    nets = list(prepared[:n_nets])
+    optimizer = prepared[n_nets]
+    eval_loaders = dict(zip(eval_loaders, prepared[n_nets + 1:]))
+    raw = [accelerator.unwrap_model(n) for n in nets]
+    names = ["primary", "auxiliary"] if n_nets == 2 else ["net"]
+
+    # ---- DII
+    gamma = None
+    updater = None
+    if cfg.method.dii:
+        d = cfg.dii
+        gamma = GammaState(len(train_ds.weak_indices), d.init, d.lr, d.betas, d.eps, d.clip)
+        updater = DIIUpdater(gamma, ds["scan"], train_ds.strong_indices, train_ds.weak_indices, d, cfg.seed,
+                             ignore, cfg.train.batch_size, cfg.data.num_workers)
+
+    # ---- resume
+    start, best, best_step, history = 0, -math.inf, -1, []
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        start, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
+        history = list(state.get("history", []))
+        if gamma is not None:
+            gamma.load_state_dict(state["gamma"])
+        _say(accelerator, f"resumed from {resume_from} at step {start}")
+    if start >= cfg.train.steps:
+        _say(accelerator, f"nothing to train: step {start} >= train.steps={cfg.train.steps}")
+
+    # ---- trackers
+    if tracking:
+        _setup_wandb(run_dir)
+        accelerator.init_trackers(cfg.log.project, config=_flat(config_to_dict(cfg)),
+                                  init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir),
+                                                         "resume": "allow", "id": _wandb_id(run_dir)}})
+
+    # ---- samplers (stateless; see hybrid_accel.sampling)
+    B, accum, steps = cfg.train.batch_size, cfg.train.grad_accum, cfg.train.steps
+    keyed = KeyedDataset(train_ds)
+
+    def primary_loader(step: int):
+        w = hybrid_weights(train_ds.kinds, weak_rank, gamma.gamma) if cfg.method.dii_sampling else None
+        s = StepSampler(len(train_ds), B, cfg.seed, "primary", rank, weights=w)
+        return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
+
+    def aux_loader(step: int):
+        s = StepSampler(len(train_ds), B, cfg.seed, "auxiliary", rank)
+        return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
+
+    it_p = primary_loader(start)
+    it_a = aux_loader(start) if cfg.method.dcr else None
+    dump: dict[str, Any] = {"rank": rank, "samples": {}, "gamma_checksums": {}}
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {"step": step, "best": best, "best_step": best_step, "history": history,
+                "gamma": gamma.state_dict() if gamma is not None else None, "seed": cfg.seed,
+                "config": config_to_dict(cfg)}
+
+    def run_eval(split: str, step: int, out: Path) -> dict:
+        models = dict(zip(names, raw))
+        return evaluate(models, eval_loaders[split], accelerator, num_classes, ignore_index=ignore,
+                        spacing=tuple(cfg.eval.spacing), out_dir=out, n_overlays=cfg.eval.overlays,
+                        class_names=class_names)
+
+    track_name = cfg.eval.model if cfg.eval.model != "auto" else ("ensemble" if n_nets == 2 else "net")
+    passes_per_step = (3 * B if cfg.method.dcr else B) * n_nets * accum
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (accelerator.is_main_process and cfg.log.progress))
+    meter = _Meter()
+    t_log, step_log = time.perf_counter(), start
+    step = start
+    stopped = False
+    try:
+        while step < steps:
+            _set_train(nets, cfg.model.freeze_bn)  # evaluation and the DII pass switch to eval mode
+            # dropout and anything else on torch's global RNG: a function of (seed, rank, step)
+            torch.manual_seed(derive_seed(cfg.seed, "step", rank, step))
+            lr = cfg.optim.lr * lr_factor(step, cfg)
+            for gr in optimizer.param_groups:
+                gr["lr"] = lr
+            for micro in range(accum):
+                bp = next(it_p)
+                if cfg.debug.dump and step < 4:
+                    dump["samples"].setdefault(str(step), []).extend(bp["index"].tolist())
+                with accelerator.accumulate(*nets):
+                    x_i = bp["image"].to(device, non_blocking=True)
+                    y_i = bp["mask"].to(device, non_blocking=True)
+                    w_i = (gamma.weights(bp["weak_index"]) if gamma is not None else torch.ones(len(x_i))).to(device)
+                    if cfg.method.dcr:
+                        ba = next(it_a)
+                        x_j = ba["image"].to(device, non_blocking=True)
+                        y_j = ba["mask"].to(device, non_blocking=True)
+                        w_j = (gamma.weights(ba["weak_index"]) if gamma is not None else torch.ones(len(x_j))).to(device)
+                        mix = make_mix(x_i, x_j, y_i, num_classes, cfg.method.paste, ignore,
+                                       make_generator(cfg.seed, "paste", rank, step, micro))
+                        out1, out2 = dcr_forward(nets[0], nets[1], x_i, x_j, mix)
+                        loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, cfg.method.lambda_,
+                                               cfg.method.paste, cfg.method.pseudo_loss, ignore)
+                    else:
+                        loss, parts = single_loss(nets[0](x_i), y_i, w_i, ignore)
+                    if step + 1 == cfg.debug.nan_at_step:
+                        loss = loss * float("nan")
+                    # a host sync per micro-step: cheap next to a forward/backward, and it stops a
+                    # diverged run before the optimiser writes NaNs into the weights
+                    bad = (~torch.isfinite(loss.detach())).float()
+                    if world > 1:
+                        bad = accelerator.reduce(bad, reduction="sum")
+                    if bad.item() > 0:
+                        raise TrainingDiverged(
+                            f"non-finite loss at step {step + 1} (micro-batch {micro}); stopping. The last good "
+                            f"checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none (no checkpoint was written yet)'}"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip:
+                        accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                meter.add(parts)
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log.every == 0 or step == steps:
+                vals = meter.read()
+                dt = time.perf_counter() - t_log
+                ips = passes_per_step * (step - step_log) * world / max(dt, 1e-9)
+                t_log, step_log = time.perf_counter(), step
+                vals.update({"lr": lr, "throughput/image_passes_per_s": ips})
+                accelerator.log(vals, step=step)
+                bar.set_postfix(loss=f"{vals.get('loss/total', float('nan')):.4f}", ips=f"{ips:.0f}")
+
+            if updater is not None and due(step, cfg.dii.tau, cfg.dii.warmup):
+                stats = updater.update(raw[0], accelerator, step, accelerator.autocast)
+                if cfg.debug.check_gamma and world > 1:
+                    cs = torch.tensor([gamma.checksum()], dtype=torch.float64, device=device)
+                    allcs = accelerator.gather(cs).cpu()
+                    if not torch.all(allcs == allcs[0]):
+                        raise RuntimeError(f"gamma differs across processes after step {step}: {allcs.tolist()}")
+                dump["gamma_checksums"][str(step)] = gamma.checksum()
+                stats.update(_gamma_quality(gamma, train_ds))
+                _log_gamma(accelerator, gamma, stats, step, tracking)
+                if cfg.method.dii_sampling:
+                    it_p = primary_loader(step)  # the primary sampler sees the new gamma from this step on
+
+            if "val" in eval_loaders and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
+                best, best_step = _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step,
+                                            history, trainer_state, tracking)
+
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                ckpt.save_checkpoint(accelerator, run_dir, ckpt.step_name(step), trainer_state(step),
+                                     cfg.checkpoint.keep_last)
+
+            if cfg.debug.stop_after == step:
+                stopped = True
+                break
+        bar.close()
+    except TrainingDiverged:
+        bar.close()
+        _finish(accelerator, tracking)
+        raise
+
+    result: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "gamma": None if gamma is None else gamma.gamma.clone(),
+                              "test": None, "val_best": best if best > -math.inf else None, "stopped": stopped}
+    if cfg.debug.dump:
+        (run_dir / "debug").mkdir(parents=True, exist_ok=True)
+        dump["gamma"] = None if gamma is None else gamma.gamma.tolist()
+        dump["weights_checksum"] = float(sum(p.detach().double().sum() for p in params))
+        with open(run_dir / "debug" / f"rank{rank}.json", "w") as f:
+            json.dump(dump, f)
+    if stopped:
+        _say(accelerator, f"stopped after step {step} (debug.stop_after)")
+        _finish(accelerator, tracking)
+        return result
+
+    # ---- final stage: last validation, checkpoint, test, export
+    if "val" in eval_loaders and start < steps:
+        best, best_step = _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step,
+                                    history, trainer_state, tracking)
+    if start < steps or ckpt.latest_checkpoint(run_dir) is None:
+        ckpt.save_checkpoint(accelerator, run_dir, ckpt.step_name(step), trainer_state(step), cfg.checkpoint.keep_last)
+    best_dir = run_dir / ckpt.CKPT_DIR / "best"
+    test_from = "last"
+    if cfg.eval.test_on == "best" and (best_dir / ckpt.TRAINER_STATE).is_file() and best_step != step:
+        accelerator.load_state(str(best_dir))
+        test_from = f"best (step {best_step})"
+    if "test" in eval_loaders:
+        summary = run_eval("test", step, run_dir / "test")
+        result["test"] = summary
+        _say(accelerator, f"test ({test_from} weights, {summary['n_images']} images):\n{format_summary(summary)}")
+        m = summary["models"][track_name]
+        accelerator.log({"test/mean_dice": m["mean_dice"], "test/mean_assd": m["mean_assd"]}, step=step)
+        _say(accelerator, f"test {track_name}: Dice {m['mean_dice']:.4f}  ASSD {m['mean_assd']:.3f}")
+    if accelerator.is_main_process:
+        size = list(cfg.data.image_size)
+        for name, net in zip(names, raw):
+            export_model(net, run_dir / "export" / f"{name}.safetensors",
+                         {"name": name, "image_size": size, "num_classes": num_classes, "class_names": class_names,
+                          "ignore_index": ignore, "weights": test_from, "train_config": config_to_dict(cfg)})
+        if gamma is not None:
+            _write_gamma_csv(run_dir / "gamma.csv", gamma, train_ds)
+        _say(accelerator, f"exported {', '.join(names)} to {run_dir / 'export'}")
+    _finish(accelerator, tracking)
+    return result
+
+
+def _set_train(nets: Sequence[nn.Module], freeze_bn: bool) -> None:
+    for net in nets:
+        net.train()
+        if freeze_bn:
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+
+def _say(accelerator: Any, *msg: Any) -> None:
+    """``accelerator.print`` (main process only), flushed: logs arrive in order under pipes and launchers."""
+    accelerator.print(*msg, flush=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if not isinstance(v, list) else str(v)
+    return out
+
+
+def _wandb_id(run_dir: Path) -> str:
+    # stable per run directory, so a resumed run appends to the same wandb run
+    return f"{run_dir.name[:40]}-{derive_seed(str(run_dir.resolve())) % 16**8:08x}"
+
+
+def _gamma_quality(gamma: GammaState, train_ds: Any) -> dict[str, float]:
+    q = np.asarray(train_ds.quality)[train_ds.weak_indices]
+    ok = np.isfinite(q)
+    if ok.sum() < 3:
+        return {}
+    from scipy.stats import spearmanr
+
+    g = gamma.gamma.numpy()[ok]
+    if np.ptp(g) == 0 or np.ptp(q[ok]) == 0:
+        return {}
+    return {"dii/spearman_quality": float(spearmanr(g, q[ok]).statistic)}
+
+
+def _log_gamma(accelerator: Any, gamma: GammaState, stats: dict, step: int, tracking: bool) -> None:
+    accelerator.log(stats, step=step)
+    if tracking and accelerator.is_main_process:
+        try:
+            import wandb
+
+            accelerator.get_tracker("wandb").log({"dii/gamma": wandb.Histogram(gamma.gamma.numpy())}, step=step)
+        except Exception:  # the histogram is a nicety; never stop training for it
+            pass
+    rho = stats.get("dii/spearman_quality")
+    _say(accelerator, 
+        f"step {step}: gamma update, mean {stats['dii/gamma_mean']:.3f} std {stats['dii/gamma_std']:.3f}, "
+        f"{100 * stats['dii/score_pos_frac']:.0f}% positive scores"
+        + (f", Spearman(gamma, true IoU) {rho:.3f}" if rho is not None else "")
+        + f" ({stats['dii/seconds_strong'] + stats['dii/seconds_scan']:.1f} s)"
+    )
+
+
+def _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step, history, trainer_state, tracking):
+    summary = run_eval("val", step, run_dir / "eval" / ckpt.step_name(step))
+    models = summary["models"]
+    if track_name not in models:
+        raise ConfigError(f"eval.model={track_name!r}: evaluated models are {', '.join(models)}")
+    value = float(models[track_name][cfg.eval.metric])
+    logs = {f"val/{n}/mean_dice": m["mean_dice"] for n, m in models.items()}
+    logs.update({f"val/{n}/mean_assd": m["mean_assd"] for n, m in models.items()})
+    accelerator.log(logs, step=step)
+    history.append({"step": step, cfg.eval.metric: value})
+    improved = value > best
+    _say(accelerator, f"step {step}: val {track_name} {cfg.eval.metric} {value:.4f}" + (" (best)" if improved else ""))
+    if tracking and accelerator.is_main_process and cfg.eval.overlays:
+        try:
+            import wandb
+
+            pngs = sorted((run_dir / "eval" / ckpt.step_name(step) / "overlays").glob("*.png"))
+            accelerator.get_tracker("wandb").log({"val/predictions": [wandb.Image(str(p)) for p in pngs]}, step=step)
+        except Exception:
+            pass
+    if improved:
+        best, best_step = value, step
+        ckpt.save_checkpoint(accelerator, run_dir, "best", trainer_state(step) | {"best": best, "best_step": step})
+    return best, best_step
+
+
+def _write_gamma_csv(path: Path, gamma: GammaState, train_ds: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["weak_index", "dataset_index", "image", "gamma", "true_quality"])
+        for k, i in enumerate(train_ds.weak_indices):
+            w.writerow([k, int(i), train_ds.image_paths[int(i)], f"{float(gamma.gamma[k]):.6f}",
+                        f"{float(train_ds.quality[int(i)]):.6f}"])
+    os.replace(tmp, path)
+
+
+def _finish(accelerator: Any, tracking: bool) -> None:
+    accelerator.wait_for_everyone()
+    if tracking:
+        accelerator.end_training()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, path = parse_args(argv)
+        train(cfg, path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:
+        from .data import DatasetError
+
+        if isinstance(e, DatasetError):
+            print(f"error: dataset problem:\n{e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

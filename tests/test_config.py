@@ -1,0 +1,104 @@
+"""Config: precedence, overrides, base chains, unknown keys, validation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybrid_accel.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+    valid_keys,
+    validate_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("dii:\n  tau: 200\n  lr: 0.05\ntrain:\n  batch_size: 4\n")
+    cfg = load_config(f, ["dii.tau=100", "method.paste=cutmix", "data.image_size=32"])
+    assert cfg.dii.tau == 100  # CLI wins
+    assert cfg.dii.lr == 0.05  # YAML wins over default
+    assert cfg.train.batch_size == 4
+    assert cfg.dii.betas == [0.9, 0.999]  # default
+    assert cfg.method.paste == "cutmix"
+    assert cfg.data.image_size == [32, 32]
+
+
+def test_base_chain_and_section_mapping(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\nmethod:\n  dcr: false\n  dii: false\n  dii_sampling: false\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmethod:\n  dii: true\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.seed, cfg.method.dcr, cfg.method.dii) == (3, False, True)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["dii.tua=3"])
+    assert "dii.tau" in str(e.value) and "Valid keys" in str(e.value)
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  backbon: resnet50\n")
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["dii.tau"])
+
+
+def test_type_errors():
+    with pytest.raises(ConfigError, match="integer"):
+        load_config(None, ["dii.tau=abc"])
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(None, ["method.dii=maybe"])
+    cfg = load_config(None, ["resume=latest", "data.root=null", "optim.lr=1e-3", "optim.grad_clip=1"])
+    assert cfg.resume == "latest" and cfg.data.root is None and cfg.optim.lr == 1e-3 and cfg.optim.grad_clip == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dii.tau=0", "dii.tau"),
+        ("dii.tau=-5", "dii.tau"),
+        ("method.lambda_=-1", "method.lambda_"),
+        ("method.paste=mixup", "method.paste"),
+        ("dii.clip=[1,0]", "dii.clip"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.train_on=strong", "method.dii needs strong and weak"),
+    ],
+)
+def test_validation(override, message):
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_sampling_without_dii_is_an_error():
+    cfg = load_config(None, ["method.dii=false"])
+    with pytest.raises(ConfigError, match="dii_sampling"):
+        validate_config(cfg)
+
+
+def test_roundtrip(tmp_path):
+    cfg = load_config(None, ["dii.tau=7", "model.backbone=resnet50"])
+    save_config(cfg, tmp_path / "config.yaml")
+    back = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert config_to_dict(back) == config_to_dict(cfg)
+    assert "dii.scan_size" in valid_keys()
+
+
+def test_shipped_configs_load_and_validate():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        cfg = load_config(f)
+        validate_config(cfg)
+    polyp = load_config(CONFIGS / "polyp.yaml")
+    assert polyp.model.backbone == "resnet50" and polyp.train.batch_size == 16
+    assert polyp.optim.lr == 0.002 and polyp.optim.momentum == 0.9 and polyp.optim.weight_decay == 5e-5
+    assert polyp.dii.tau == 400 and polyp.dii.lr == 0.1 and polyp.method.lambda_ == 4
+    assert isinstance(Config(), Config)
