@@ -6,7 +6,8 @@ Environment switches (all optional):
                                    1 = required (fail if impossible); 0 = CPU kernels only
   HYBRID_ACCEL_CUDA_ARCHS="8.0;9.0" target architectures (default Ampere and Hopper; +PTX is added to the last)
   HYBRID_ACCEL_DEBUG=1             -O0 -g (and -G -lineinfo for CUDA)
-  CUDA_HOME=/usr/local/cuda        where nvcc lives, if torch cannot find it
+  CUDA_HOME=/usr/local/cuda        the CUDA toolkit (default: the nvcc on PATH if its folder has headers, else
+                                   /usr/local/cuda)
   MAX_JOBS=N                       parallel compile jobs (ninja)
 
 Build without isolation so the extension links the torch it will run with:
@@ -46,10 +47,28 @@ def _cuda_include_dirs():
     return dirs
 
 
+def _guess_cuda_home():
+    """A CUDA_HOME with headers, when the user set none.
+
+    torch guesses the parent of the `nvcc` on PATH, which is wrong where PATH holds a wrapper
+    (/usr/local/bin/nvcc here): the link then fails. Prefer a folder that has the toolkit's headers.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + [
+        "/usr/local/cuda", "/opt/cuda"]
+    for c in candidates:
+        if os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(c, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = c
+            return
+
+
 def _extensions():
     if _truthy(_env("HYBRID_ACCEL_SKIP_EXT")):
         print("hybrid_accel: HYBRID_ACCEL_SKIP_EXT set, building no extension (PyTorch fallbacks only)")
         return [], {}
+    _guess_cuda_home()  # before torch.utils.cpp_extension reads it at import
     import torch
     from torch.utils import cpp_extension
 
