@@ -66,8 +66,9 @@ def copy_bandwidth(device, min_run_time):
 # -------------------------------------------------------------------------------------------- grad_dot
 def grad_dot_inputs(B, F, C, P, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(B, F, P, generator=g).to(device=device, dtype=dtype)
-    delta = (torch.randn(B, C, P, generator=g) * 1e-3).to(device=device, dtype=dtype)
+    # generated in their own dtype: a float32 temporary would raise the CPU peak-RSS baseline
+    h = torch.randn(B, F, P, generator=g, dtype=dtype).to(device)
+    delta = torch.randn(B, C, P, generator=g, dtype=dtype).mul_(1e-3).to(device)
     W = torch.randn(C, F, generator=g).to(device)
     b = torch.randn(C, generator=g).to(device)
     return h, delta, W, b
@@ -112,10 +113,10 @@ def grad_dot_variant(name, h, delta, W, b):
 def dii_inputs(B, F, C, h, dtype, device, seed=0):
     """Classifier features/logits at h x h and labels at 4h x 4h with 10% ignored pixels."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    feats = torch.randn(B, F, h, h, generator=g).to(device=device, dtype=dtype)
+    feats = torch.randn(B, F, h, h, generator=g, dtype=dtype).to(device)
     W = (torch.randn(C, F, generator=g) * F ** -0.5).to(device)
     b = torch.zeros(C, device=device)
-    logits = torch.nn.functional.conv2d(feats.float(), W[:, :, None, None], b).to(dtype)
+    logits = torch.nn.functional.conv2d(feats, W[:, :, None, None].to(dtype), b.to(dtype))
     labels = torch.randint(0, C, (B, 4 * h, 4 * h), generator=g)
     labels[torch.rand(B, 4 * h, 4 * h, generator=g) < 0.1] = 255
     ref_w = torch.randn(C, F, generator=g).to(device)
@@ -168,15 +169,15 @@ def grad_dot_bytes(B, F, C, P, dtype):
 # ------------------------------------------------------------------------------------ foreground_paste
 def paste_inputs(B, K, C, H, W, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x_i = torch.randn(B, K, H, W, generator=g).to(device=device, dtype=dtype)
-    x_j = torch.randn(B, K, H, W, generator=g).to(device=device, dtype=dtype)
+    x_i = torch.randn(B, K, H, W, generator=g, dtype=dtype).to(device)
+    x_j = torch.randn(B, K, H, W, generator=g, dtype=dtype).to(device)
     # blob-like label maps: about a quarter of each image is foreground
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     cy = torch.rand(B, 1, 1, generator=g) * H
     cx = torch.rand(B, 1, 1, generator=g) * W
     y = (((yy - cy) ** 2 + (xx - cx) ** 2) < (0.28 * min(H, W)) ** 2).long() * torch.randint(1, C, (B, 1, 1), generator=g)
     y = y.to(device)
-    preds = [torch.randn(B, C, H, W, generator=g).to(device=device, dtype=dtype) for _ in range(4)]
+    preds = [torch.randn(B, C, H, W, generator=g, dtype=dtype).to(device) for _ in range(4)]
     cls = ops.choose_paste_class(y, C, generator=torch.Generator(device="cpu").manual_seed(seed))
     return (x_i, x_j, y, cls, *preds)
 
