@@ -54,9 +54,10 @@ def load_models_for_eval(
     """Load the network(s) stored at ``path`` for evaluation: ``({name: model}, config)``.
 
     Handles files written by :func:`hybrid_accel.model.export_model` (one network, named by the
-    config's ``name`` entry when present, else ``"net"``).
-    Hook for the trainer: a run directory or a training checkpoint holding both DCR networks
-    should be recognised here and return both networks (for example ``primary``/``auxiliary``).
+    config's ``name`` entry when present, else ``"net"``), and the trainer's outputs: a run
+    directory (its ``export/*.safetensors``, else its newest checkpoint) or a checkpoint folder
+    (``checkpoints/step_*`` or ``checkpoints/best``), which return every network of the run
+    (``primary`` and ``auxiliary`` with DCR, ``net`` otherwise).
     """
     from .model import load_exported
 
@@ -64,10 +65,47 @@ def load_models_for_eval(
     if path.is_file() and path.suffix == ".safetensors":
         model, config = load_exported(path, map_location=map_location)
         return {str(config.get("name", "net")): model}, config
+    if path.is_dir():
+        loaded = _load_trainer_output(path, map_location)
+        if loaded is not None:
+            return loaded
     raise ValueError(
         f"{path}: cannot load models for evaluation from this path; expected a .safetensors file "
-        "written by hybrid_accel.model.export_model"
+        "written by hybrid_accel.model.export_model, a training run directory or a checkpoint folder"
     )
+
+
+def _load_trainer_output(path: Path, map_location) -> tuple[dict[str, nn.Module], dict] | None:
+    from .checkpoint import TRAINER_STATE, latest_checkpoint, read_trainer_state
+    from .model import build_model, load_exported, load_model_weights
+
+    export = path / "export"
+    files = sorted(export.glob("*.safetensors")) if export.is_dir() else []
+    if files:
+        order = {"primary": 0, "auxiliary": 1}
+        models: dict[str, nn.Module] = {}
+        config: dict = {}
+        for f in sorted(files, key=lambda p: (order.get(p.stem, 2), p.stem)):
+            model, cfg = load_exported(f, map_location=map_location)
+            models[str(cfg.get("name", f.stem))] = model
+            config = config or cfg
+        return models, config
+    ck = path if (path / TRAINER_STATE).is_file() else latest_checkpoint(path)
+    if ck is None:
+        return None
+    state = read_trainer_state(ck)
+    models = {}
+    for i, name in enumerate(state["net_names"]):
+        stem = "model" if i == 0 else f"model_{i}"  # accelerate's save_state names
+        weights = next((ck / f"{stem}{ext}" for ext in (".safetensors", ".bin") if (ck / f"{stem}{ext}").is_file()), None)
+        if weights is None:
+            raise ValueError(f"{ck}: checkpoint lacks the weights of network {name!r} ({stem}.safetensors)")
+        model = build_model(**state["model"])
+        load_model_weights(model, weights)
+        models[name] = model.to(map_location).eval()
+    config = {"image_size": state["image_size"], "num_classes": state["num_classes"],
+              "class_names": state["class_names"], "step": state["step"], "train_config": state["config"]}
+    return models, config
 
 
 # ----------------------------------------------------------------------------------------------
