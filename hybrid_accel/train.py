@@ -357,7 +357,10 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     def trainer_state(step: int) -> dict[str, Any]:
         return {"step": step, "best": best, "best_step": best_step, "history": history,
                 "gamma": gamma.state_dict() if gamma is not None else None, "seed": cfg.seed,
-                "config": config_to_dict(cfg)}
+                "config": config_to_dict(cfg),
+                # enough to rebuild the networks without the dataset (hybrid_accel.evaluate)
+                "model": dict(raw[0].config), "net_names": names, "num_classes": num_classes,
+                "image_size": list(cfg.data.image_size), "class_names": class_names}
 
     def run_eval(split: str, step: int, out: Path) -> dict:
         models = dict(zip(names, raw))

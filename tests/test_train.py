@@ -126,3 +126,19 @@ def test_dump_records_samples(tiny_data, tmp_path):
     dump = json.loads((tmp_path / "t" / "debug" / "rank0.json").read_text())
     assert len(dump["samples"]["0"]) == 4 and len(dump["gamma_checksums"]) == 2
     assert dump["gamma"] == pytest.approx(r["gamma"].tolist())
+
+
+def test_evaluate_loads_runs_and_checkpoints(tiny_data, tmp_path):
+    from hybrid_accel.evaluate import load_models_for_eval
+
+    trainer.train(_cfg(tiny_data, tmp_path, "train.steps=2", "dii.tau=1", "eval.every=0"))
+    run = tmp_path / "t"
+    models, config = load_models_for_eval(run)
+    assert list(models) == ["primary", "auxiliary"] and config["image_size"] == [32, 32]
+    ck_models, ck_config = load_models_for_eval(ckpt.latest_checkpoint(run))
+    assert list(ck_models) == ["primary", "auxiliary"] and ck_config["num_classes"] == 2
+    x = torch.randn(1, 3, 32, 32)
+    for name in models:
+        torch.testing.assert_close(models[name](x), ck_models[name](x))
+    with pytest.raises(ValueError, match="cannot load"):
+        load_models_for_eval(tmp_path / "nothing-here")
