@@ -6,7 +6,8 @@
 
 Config precedence is CLI > YAML > defaults (hybrid_accel/config.py); ``--print-config`` shows the
 resolved config and exits. Everything a run writes goes to ``<out_dir>/<name>``: ``config.yaml``,
-``checkpoints/``, ``eval/``, ``test/``, ``export/*.safetensors``, ``gamma.csv`` and ``wandb/``.
+``checkpoints/``, ``eval/``, ``test/``, ``export/*.safetensors``, ``gamma.csv``, ``gamma_history.npz``
+and ``wandb/``.
 
 Per step (DESIGN.md sections 2-3): a batch from the primary sampler (weights 1 / gamma) and one
 from the auxiliary sampler (uniform); with DCR each network does one forward over
@@ -444,6 +445,8 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                 dump["gamma_checksums"][str(step)] = gamma.checksum()
                 stats.update(_gamma_quality(gamma, train_ds))
                 _log_gamma(accelerator, gamma, stats, step, tracking)
+                if accelerator.is_main_process:
+                    _append_gamma_history(run_dir / "gamma_history.npz", step, gamma.gamma)
                 if cfg.method.dii_sampling:
                     it_p = primary_loader(step)  # the primary sampler sees the new gamma from this step on
 
@@ -602,6 +605,25 @@ def _write_gamma_csv(path: Path, gamma: GammaState, train_ds: Any) -> None:
         for k, i in enumerate(train_ds.weak_indices):
             w.writerow([k, int(i), train_ds.image_paths[int(i)], f"{float(gamma.gamma[k]):.6f}",
                         f"{float(train_ds.quality[int(i)]):.6f}"])
+    os.replace(tmp, path)
+
+
+def _append_gamma_history(path: Path, step: int, gamma: torch.Tensor) -> None:
+    """Add the snapshot after the DII update at ``step`` to ``<run>/gamma_history.npz``.
+
+    Arrays ``step`` [U] and ``gamma`` [U, n_weak] (weak rank order, as gamma.csv). Rows at or after
+    ``step`` are dropped first: a resumed run redoes them. Rewritten whole (atomically) at each
+    update; at the paper's scale (11k weak images, ~50 updates) that is a few MB every tau steps.
+    """
+    steps, rows = np.zeros(0, dtype=np.int64), np.zeros((0, len(gamma)), dtype=np.float32)
+    if path.is_file():
+        with np.load(path) as f:
+            keep = f["step"] < step
+            steps, rows = f["step"][keep], f["gamma"][keep]
+    steps = np.append(steps, np.int64(step))
+    rows = np.concatenate([rows, gamma.detach().cpu().numpy().astype(np.float32)[None]])
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, step=steps, gamma=rows)
     os.replace(tmp, path)
 
 
