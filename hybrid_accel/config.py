@@ -85,7 +85,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01  # SGD learning rate at step 0 (paper: 0.002)
+    lr: float = 0.05  # SGD learning rate at step 0 (paper: 0.002, with ImageNet weights)
     momentum: float = 0.9  # SGD momentum (paper: 0.9)
     weight_decay: float = 5e-5  # SGD weight decay (paper: 5e-5)
     schedule: str = "poly"  # poly: lr * (1 - t/steps)^power | cosine | constant
@@ -102,11 +102,12 @@ class MethodConfig:
     paste: str = "foreground"  # DCR mixing: foreground (paste a class region of x_i) | cutmix (random box)
     pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
     lambda_: float = 4.0  # weight of the DCR regularisation term (paper: 4)
+    lambda_warmup: int = 0  # ramp lambda linearly from 0 over this many steps (paper: none, 0)
 
 
 @dataclass
 class DIIConfig:
-    tau: int = 400  # network steps between two gamma updates (paper: 400)
+    tau: int = 20  # network steps between two gamma updates (paper: 400)
     lr: float = 0.1  # Adam learning rate on gamma (paper: beta = 0.1)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas on gamma (paper: 0.9, 0.999)
     eps: float = 1e-8  # Adam epsilon on gamma
@@ -121,11 +122,12 @@ class DIIConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 400  # optimiser steps (each one batch per sampler and process, times grad_accum)
+    steps: int = 300  # optimiser steps (each one batch per sampler and process, times grad_accum)
     batch_size: int = 8  # images per sampler, per process and micro-step (paper: 16)
     grad_accum: int = 1  # micro-batches accumulated per optimiser step
     mixed_precision: str | None = None  # no | bf16 | fp16; null = from the accelerate config / launch flags
     cpu: bool = False  # force the CPU even when a GPU is present
+    cpu_threads: int = 0  # torch CPU threads per process; 0 = torch's default, or 1 when the CPU is busy
 
 
 @dataclass
@@ -399,6 +401,8 @@ def validate_config(cfg: Config) -> None:
     m, d, t = cfg.method, cfg.dii, cfg.train
     if d.tau <= 0:
         p.append(f"dii.tau={d.tau}: the gamma update interval must be a positive number of steps")
+    if m.lambda_warmup < 0:
+        p.append(f"method.lambda_warmup={m.lambda_warmup}: cannot be negative")
     if m.lambda_ < 0:
         p.append(f"method.lambda_={m.lambda_}: the DCR regularisation weight cannot be negative")
     if d.lr <= 0:
@@ -421,6 +425,8 @@ def validate_config(cfg: Config) -> None:
         p.append(f"train.steps={t.steps}: must be positive")
     if t.batch_size <= 0:
         p.append(f"train.batch_size={t.batch_size}: must be positive")
+    if t.cpu_threads < 0:
+        p.append(f"train.cpu_threads={t.cpu_threads}: 0 (torch's default) or a positive count")
     if t.grad_accum <= 0:
         p.append(f"train.grad_accum={t.grad_accum}: must be positive")
     if cfg.optim.lr < 0:

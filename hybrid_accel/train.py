@@ -253,6 +253,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    _set_cpu_threads(cfg, accelerator)
     run_dir, resume_from = _resolve_run_dir(cfg, accelerator)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +402,9 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                         mix = make_mix(x_i, x_j, y_i, num_classes, cfg.method.paste, ignore,
                                        make_generator(cfg.seed, "paste", rank, step, micro))
                         out1, out2 = dcr_forward(nets[0], nets[1], x_i, x_j, mix)
-                        loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, cfg.method.lambda_,
+                        lam = cfg.method.lambda_ * (min(1.0, step / cfg.method.lambda_warmup)
+                                                    if cfg.method.lambda_warmup else 1.0)
+                        loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam,
                                                cfg.method.paste, cfg.method.pseudo_loss, ignore)
                     else:
                         loss, parts = single_loss(nets[0](x_i), y_i, w_i, ignore)
@@ -509,6 +512,25 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         _say(accelerator, f"exported {', '.join(names)} to {run_dir / 'export'}")
     _finish(accelerator, tracking)
     return result
+
+
+def _set_cpu_threads(cfg: Config, accelerator: Any) -> None:
+    """torch's CPU threads: ``train.cpu_threads``, or 1 when the CPU is oversubscribed.
+
+    OpenMP threads that share cores with other busy processes wait on each other: on a loaded
+    2-core machine two threads per process ran 20x slower than one (benchmarks/RESULTS_train.md).
+    """
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+        return
+    if accelerator.device.type != "cpu" or torch.get_num_threads() == 1:
+        return
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if accelerator.num_processes * torch.get_num_threads() > cores or load > 0.5 * cores:
+        torch.set_num_threads(1)
+        _say(accelerator, f"CPU busy (load {load:.1f} on {cores} cores, {accelerator.num_processes} process(es)): "
+                          "using 1 torch thread per process (set train.cpu_threads to choose)")
 
 
 def _set_train(nets: Sequence[nn.Module], freeze_bn: bool) -> None:
