@@ -11,8 +11,6 @@ from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-# One thread: on a small shared CPU, two OpenMP threads per process oversubscribe and run far slower.
-torch.set_num_threads(1)
 
 # tiny and fast: a 4-block ResNet at 32 px with a 16-channel decoder
 FAST = [
@@ -33,7 +31,12 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
+    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
+    # cores and run many times slower (benchmarks/RESULTS_train.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -14,7 +14,6 @@ from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)  # see tests/test_train.py
 
 FAST = [
     "model.backbone=resnet10t", "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
@@ -39,7 +38,12 @@ def _free_port():
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
+    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
+    # cores and run many times slower (benchmarks/RESULTS_train.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
