@@ -1,0 +1,534 @@
+"""The reproduction suite: every baseline and ablation of DESIGN.md section 4 on one hybrid dataset.
+
+``benchmarks/reproduce.py`` is the command line; this module holds the pieces so the tests can
+import them. A suite is: prepare one dataset, train each (method, seed) with the real trainer
+(``python -m hybrid_accel.train`` in a subprocess, or :func:`hybrid_accel.train.train` in this
+process), then read what each run wrote (``test/summary.json``, ``eval/step_*/summary.json``,
+``gamma.csv``) and print the paper's two tables (Table 4: methods x Dice/ASSD; Table 1: the
+DII / DCR / DII-sampling ablation), Spearman(gamma, true IoU) of the DII runs, and draw gamma's
+histogram (Fig. 3b) and validation curves with and without DII (Fig. 3c).
+
+Runs that already finished (a ``test/summary.json`` in their folder) are not run again, so an
+interrupted suite continues where it stopped, and ``--report`` rebuilds the tables from whatever
+finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = ["METHODS", "PRESETS", "Method", "Preset", "prepare_dataset", "run_suite", "collect", "summarize",
+           "format_tables", "plot_gamma_histogram", "plot_curves", "spearman"]
+
+REPO = Path(__file__).resolve().parents[1]
+_OFF = ["method.dii=false", "method.dcr=false", "method.dii_sampling=false"]
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str  # run folder prefix and JSON key
+    label: str  # row label in the tables
+    overrides: tuple[str, ...]  # trainer switches (the same as configs/polyp-<key>.yaml)
+    config: str  # the repository config with the same switches (checked by the tests)
+    dii: bool = False
+    dcr: bool = False
+    sampling: bool = False
+
+
+# DESIGN.md section 4, in the paper's Table 4 order; the last five are Table 1's rows.
+METHODS: tuple[Method, ...] = (
+    Method("weakly-supervised", "Weakly supervised", ("data.train_on=weak", *_OFF), "polyp-weakly-supervised.yaml"),
+    Method("few-strong", "Few strong", ("data.train_on=strong", *_OFF), "polyp-few-strong.yaml"),
+    Method("fully-supervised", "Fully supervised", ("data.train_on=full", *_OFF), "polyp-fully-supervised.yaml"),
+    Method("naive-hybrid", "Naive hybrid", ("data.train_on=hybrid", *_OFF), "polyp-naive-hybrid.yaml"),
+    Method("dii-only", "DII only", ("data.train_on=hybrid", "method.dii=true", "method.dcr=false",
+                                    "method.dii_sampling=false"), "polyp-dii-only.yaml", dii=True),
+    Method("dcr-only", "DCR only", ("data.train_on=hybrid", "method.dii=false", "method.dcr=true",
+                                    "method.dii_sampling=false"), "polyp-dcr-only.yaml", dcr=True),
+    Method("dii-dcr", "DII + DCR", ("data.train_on=hybrid", "method.dii=true", "method.dcr=true",
+                                    "method.dii_sampling=false"), "polyp-dii-dcr.yaml", dii=True, dcr=True),
+    Method("full", "DII + DCR + DII sampling (ours)", ("data.train_on=hybrid", "method.dii=true", "method.dcr=true",
+                                                         "method.dii_sampling=true"), "polyp.yaml",
+           dii=True, dcr=True, sampling=True),
+)
+BY_KEY = {m.key: m for m in METHODS}
+ABLATION = ("naive-hybrid", "dii-only", "dcr-only", "dii-dcr", "full")  # Table 1, top to bottom
+# relative cost of a step (DCR: two networks over 3B images each, ~6x a plain step); longest first
+_COST = {m.key: (6.0 if m.dcr else 1.0) + (0.3 if m.dii else 0.0) for m in METHODS}
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    data: dict[str, Any]  # how to make the dataset (see prepare_dataset)
+    overrides: list[str]  # trainer overrides common to every run
+    config: str | None = None  # base YAML (relative to the repository) or None for the defaults
+    seeds: list[int] = field(default_factory=lambda: [0])
+    jobs: int = 1  # runs at once
+    threads: int = 0  # OMP/torch threads per run (0 = leave alone)
+
+
+PRESETS: dict[str, Preset] = {
+    # Synthetic polyp-like frames, 64x64, 400 train images of which 20 strong (5%): the strong set
+    # alone must not saturate the task (DESIGN.md section 10). ResNet-18 DeepLabv3+ from scratch
+    # (nothing can be downloaded here), SGD lr 0.05 (0.01 barely moves a randomly initialised
+    # network in a few hundred steps). Two runs at once with one thread each: the fastest use of
+    # a 2-core machine (two threads per process lose to oversubscription).
+    "cpu": Preset(
+        name="cpu",
+        description="synthetic polyp 64x64, 400 train (20 strong), ResNet-18 DeepLabv3+ (scratch), 450 steps, 2 seeds",
+        data={"kind": "synthetic", "synthetic_kind": "polyp", "n_train": 400, "n_val": 32, "n_test": 64, "size": 64,
+              "strong_count": 20, "seed": 0},
+        overrides=["model.backbone=resnet18", "model.decoder_channels=64", "model.pretrained=null",
+                   "data.image_size=64", "train.batch_size=8", "optim.lr=0.05", "train.steps=450", "dii.tau=50",
+                   "dii.warmup=100", "eval.every=50", "eval.overlays=0", "checkpoint.every=0", "data.num_workers=0",
+                   "train.cpu=true"],
+        seeds=[0, 1],
+        jobs=2,
+        threads=1,
+    ),
+    # Hybrid CVC-ClinicDB (612 frames, 29 sequences, split by sequence; 10% of train strong, the
+    # rest ellipses with distortion, 40% of foregrounds dropped), ResNet-50 DeepLabv3+ at 288x384,
+    # bf16, sized for one 10-minute command on one H100: 8 runs x 400 steps, one seed.
+    "gpu": Preset(
+        name="gpu",
+        description="hybrid CVC-ClinicDB 288x384 (10% strong), ResNet-50 DeepLabv3+, bf16, 400 steps",
+        data={"kind": "prepare", "strong_fraction": 0.1, "weak": "ellipse", "drop_fraction": 0.4, "seed": 0,
+              "val_fraction": 0.1, "test_fraction": 0.2},
+        config="configs/cvc-clinicdb.yaml",
+        overrides=["model.pretrained=null", "train.steps=400", "train.batch_size=16", "train.mixed_precision=bf16",
+                   "dii.tau=50", "dii.warmup=100", "eval.every=100", "eval.overlays=4", "checkpoint.every=0",
+                   "data.num_workers=8", "optim.lr=0.01"],
+        seeds=[0],
+        jobs=1,
+    ),
+}
+
+
+def default_source() -> Path:
+    """CVC-ClinicDB beside the repository (``../shared/data/cvc-clinicdb``) or inside it (``shared/``)."""
+    for p in (REPO.parent / "shared" / "data" / "cvc-clinicdb", REPO / "shared" / "data" / "cvc-clinicdb"):
+        if p.is_dir():
+            return p
+    return REPO.parent / "shared" / "data" / "cvc-clinicdb"
+
+
+# ------------------------------------------------------------------------------------------ data
+def prepare_dataset(preset: Preset, root: Path, source: Path | None = None, workers: int = 2) -> Path:
+    """Write the preset's hybrid dataset to ``root`` once (reused when its manifest exists)."""
+    from .data import make_synthetic_hybrid, prepare_hybrid
+
+    root = Path(root)
+    if (root / "manifest.csv").is_file():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    d = dict(preset.data)
+    kind = d.pop("kind")
+    if kind == "synthetic":
+        make_synthetic_hybrid(tmp, kind=d.pop("synthetic_kind"), workers=workers, **d)
+    else:
+        src = Path(source) if source else default_source()
+        prepare_hybrid(src, tmp, workers=workers, **d)
+    os.replace(tmp, root)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}"
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "test" / "summary.json").is_file()
+
+
+def trainer_args(preset: Preset, method: Method, seed: int, data_root: Path, runs_dir: Path,
+                 extra: Sequence[str] = ()) -> list[str]:
+    """Arguments of ``python -m hybrid_accel.train`` for one run (tracking off)."""
+    args = []
+    if preset.config:
+        args += ["--config", str(REPO / preset.config)]
+    args += [*preset.overrides, *method.overrides, f"data.root={data_root}", f"out_dir={runs_dir}",
+             f"name={run_name(method.key, seed)}", f"seed={seed}", "log.tracking=none", "log.progress=false",
+             *extra]
+    return args
+
+
+def _run_subprocess(args: list[str], log: Path, threads: int) -> int:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with open(log, "w") as f:
+        f.write("$ " + " ".join([sys.executable, "-m", "hybrid_accel.train", *args]) + "\n")
+        f.flush()
+        return subprocess.call([sys.executable, "-m", "hybrid_accel.train", *args], stdout=f,
+                               stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def _run_inprocess(args: list[str], log: Path, threads: int) -> int:
+    """The trainer in this process (used by the tests: no interpreter start per run)."""
+    import contextlib
+
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    from . import train as trainer
+
+    os.environ["WANDB_MODE"] = "disabled"
+    if threads:
+        torch.set_num_threads(threads)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            return trainer.main(args)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+
+def run_suite(preset: Preset, out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+              jobs: int | None = None, inprocess: bool = False, source: Path | None = None,
+              extra: Sequence[str] = (), say: Callable[[str], None] = print) -> list[dict]:
+    """Prepare the data and train every (method, seed) not yet finished; returns one record per run."""
+    out = Path(out)
+    for sub in ("runs", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data_root = prepare_dataset(preset, out / "data", source)
+    say(f"dataset {data_root} ready ({time.perf_counter() - t0:.0f} s)")
+    methods = list(methods or [m.key for m in METHODS])
+    unknown = [m for m in methods if m not in BY_KEY]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(BY_KEY)}")
+    seeds = list(preset.seeds if seeds is None else seeds)
+    # seed-major (a whole first seed finishes first), the costliest runs first within a seed
+    todo = [(m, s) for s in seeds for m in sorted(methods, key=lambda k: -_COST[k])]
+    runner = _run_inprocess if inprocess else _run_subprocess
+    jobs = 1 if inprocess else max(1, jobs or preset.jobs)
+    records: dict[tuple[str, int], dict] = {}
+
+    def one(item: tuple[str, int]) -> dict:
+        key, seed = item
+        name = run_name(key, seed)
+        run_dir = out / "runs" / name
+        rec = {"method": key, "seed": seed, "run_dir": str(run_dir)}
+        if _finished(run_dir):
+            return rec | {"status": "done (earlier)", "seconds": None}
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run is started again from scratch
+        args = trainer_args(preset, BY_KEY[key], seed, data_root, out / "runs", extra)
+        say(f"start {name}")
+        t = time.perf_counter()
+        rc = runner(args, out / "logs" / f"{name}.log", preset.threads)
+        dt = time.perf_counter() - t
+        status = "done" if rc == 0 and _finished(run_dir) else f"failed (exit {rc}, see logs/{name}.log)"
+        say(f"{status:<6} {name} in {dt:.0f} s")
+        return rec | {"status": status, "seconds": round(dt, 1)}
+
+    if jobs == 1:
+        for item in todo:
+            records[item] = one(item)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for item, rec in zip(todo, pool.map(one, todo)):
+                records[item] = rec
+    return [records[item] for item in todo]
+
+
+# ------------------------------------------------------------------------------------- reading
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return math.nan
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def read_gamma_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(gamma, true quality) per weak image from a run's gamma.csv."""
+    g, q = [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            g.append(float(row["gamma"]))
+            q.append(float(row["true_quality"]) if row.get("true_quality") not in (None, "") else math.nan)
+    return np.array(g), np.array(q)
+
+
+def _net_metrics(models: dict) -> dict:
+    """The primary network's metrics (``primary`` with DCR, ``net`` without) and the ensemble's."""
+    main = models.get("primary") or models.get("net")
+    ens = models.get("ensemble")
+    out = {"dice": 100.0 * float(main["mean_dice"]), "assd": float(main["mean_assd"])}
+    if ens is not None:
+        out |= {"dice_ensemble": 100.0 * float(ens["mean_dice"]), "assd_ensemble": float(ens["mean_assd"])}
+    return out
+
+
+def _val_curve(run_dir: Path) -> list[list[float]]:
+    pts = []
+    for s in sorted((run_dir / "eval").glob("step_*/summary.json")):
+        models = json.loads(s.read_text())["models"]
+        pts.append([int(s.parent.name.split("_")[1]), _net_metrics(models)["dice"]])
+    return pts
+
+
+def collect(out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[dict]:
+    """One record per finished run under ``out/runs``: metrics, validation curve, gamma statistics."""
+    recs = []
+    for m in METHODS:
+        if methods and m.key not in methods:
+            continue
+        for run_dir in sorted((Path(out) / "runs").glob(f"{m.key}-s*")):
+            tail = run_dir.name[len(m.key) + 2:]
+            if not tail.isdigit() or not _finished(run_dir) or (seeds is not None and int(tail) not in seeds):
+                continue
+            summary = json.loads((run_dir / "test" / "summary.json").read_text())
+            rec = {"method": m.key, "seed": int(tail), "run_dir": str(run_dir), **_net_metrics(summary["models"]),
+                   "n_test": summary.get("n_images"), "val_curve": _val_curve(run_dir)}
+            if (run_dir / "gamma.csv").is_file():
+                g, q = read_gamma_csv(run_dir / "gamma.csv")
+                kept = q > 0  # weak masks whose foreground was not dropped
+                rec |= {"spearman": spearman(g, q), "spearman_kept": spearman(g[kept], q[kept]),
+                        "gamma_mean": float(g.mean()), "gamma_low_frac": float((g < 0.1).mean()),
+                        "gamma_high_frac": float((g > 0.9).mean()),
+                        "gamma_dropped_mean": float(g[q == 0].mean()) if (q == 0).any() else math.nan,
+                        "gamma_kept_mean": float(g[kept].mean()) if kept.any() else math.nan}
+            recs.append(rec)
+    return recs
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    fin = v[np.isfinite(v)]
+    return {"mean": float(fin.mean()) if len(fin) else math.nan,
+            "std": float(fin.std(ddof=1)) if len(fin) > 1 else math.nan,
+            "n": int(len(v)), "n_finite": int(len(fin))}
+
+
+def summarize(recs: Sequence[dict]) -> dict:
+    """Per method: mean and sample standard deviation over seeds; the targets of issue 6."""
+    per: dict[str, dict] = {}
+    for m in METHODS:
+        rs = [r for r in recs if r["method"] == m.key]
+        if not rs:
+            continue
+        per[m.key] = {"seeds": sorted(r["seed"] for r in rs)}
+        for k in ("dice", "assd", "dice_ensemble", "assd_ensemble", "spearman", "spearman_kept", "gamma_low_frac",
+                  "gamma_high_frac", "gamma_dropped_mean", "gamma_kept_mean"):
+            if any(k in r for r in rs):
+                per[m.key][k] = _stats([r.get(k) for r in rs])
+
+    def dice(k):
+        return per.get(k, {}).get("dice", {}).get("mean", math.nan)
+
+    def check(value, limit, text):
+        return {"what": text, "value": value, "limit": limit,
+                "met": bool(np.isfinite(value) and value >= limit) if np.isfinite(value) else None}
+
+    targets = [
+        check(dice("full") - dice("naive-hybrid"), 3.0, "full method - naive hybrid, Dice points (>= 3)"),
+        check(dice("full") - dice("few-strong"), 5.0, "full method - few strong, Dice points (>= 5)"),
+        check(dice("full") - dice("fully-supervised"), -2.0, "full method - fully supervised, Dice points (>= -2)"),
+        check(per.get("full", {}).get("spearman", {}).get("mean", math.nan), 0.5,
+              "Spearman(gamma, true IoU), full method (>= 0.5)"),
+    ]
+    return {"methods": per, "targets": targets}
+
+
+# ------------------------------------------------------------------------------------- tables
+def _pm(s: dict | None, digits: int = 2) -> str:
+    if not s or not np.isfinite(s["mean"]):
+        return "n/a"
+    spread = f" ± {s['std']:.{digits}f}" if np.isfinite(s["std"]) else ""
+    bad = f" [{s['n'] - s['n_finite']} nan]" if s["n_finite"] < s["n"] else ""
+    return f"{s['mean']:.{digits}f}{spread}{bad}"
+
+
+def format_tables(summary: dict) -> str:
+    """Markdown: Table 4 (methods), Table 1 (ablation), gamma statistics, targets."""
+    per = summary["methods"]
+    lines = ["Table 4 analogue: test Dice (%) and ASSD (px), primary network, mean ± std over seeds",
+             "", "| Method | Dice | ASSD | ensemble Dice | seeds |", "|---|---|---|---|---|"]
+    for m in METHODS:
+        if m.key in per:
+            p = per[m.key]
+            lines.append(f"| {m.label} | {_pm(p.get('dice'))} | {_pm(p.get('assd'))} | "
+                         f"{_pm(p.get('dice_ensemble')) if 'dice_ensemble' in p else '-'} | "
+                         f"{','.join(map(str, p['seeds']))} |")
+    lines += ["", "Table 1 analogue: ablation on the same data (naive hybrid = baseline)", "",
+              "| Model | DII | DCR | DII sampling | Dice | ASSD |", "|---|---|---|---|---|---|"]
+    for k in ABLATION:
+        if k in per:
+            m = BY_KEY[k]
+            tick = lambda b: "✓" if b else ""  # noqa: E731
+            lines.append(f"| {'Baseline' if k == 'naive-hybrid' else m.label} | {tick(m.dii)} | {tick(m.dcr)} | "
+                         f"{tick(m.sampling)} | {_pm(per[k].get('dice'))} | {_pm(per[k].get('assd'))} |")
+    dii_rows = [k for k in per if "spearman" in per[k]]
+    if dii_rows:
+        lines += ["", "DII: Spearman(gamma, true IoU of the weak mask) over all weak images and over those whose "
+                  "foreground was kept; mean gamma of dropped / kept masks; fraction of gamma < 0.1 and > 0.9", "",
+                  "| Run | Spearman (all) | Spearman (kept) | gamma dropped | gamma kept | < 0.1 | > 0.9 |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in dii_rows:
+            p = per[k]
+            cells = [_pm(p.get(c), d) for c, d in (("spearman", 3), ("spearman_kept", 3), ("gamma_dropped_mean", 3),
+                                                    ("gamma_kept_mean", 3), ("gamma_low_frac", 2),
+                                                    ("gamma_high_frac", 2))]
+            lines.append(f"| {BY_KEY[k].label} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (issue 6):", ""]
+    for t in summary["targets"]:
+        state = {True: "MET", False: "MISSED", None: "not measured"}[t["met"]]
+        val = f"{t['value']:+.2f}" if np.isfinite(t["value"]) else "n/a"
+        lines.append(f"- {t['what']}: {val} -> {state}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- figures
+def plot_gamma_histogram(recs: Sequence[dict], path: Path, method: str = "full") -> Path | None:
+    """Fig. 3b: gamma of every weak image, all seeds of ``method`` pooled, dropped vs kept masks."""
+    try:
+        import matplotlib
+    except ImportError:  # optional (the dev extra): tables only
+        print("matplotlib is not installed: no figures (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gs, qs = [], []
+    for r in recs:
+        if r["method"] == method and (Path(r["run_dir"]) / "gamma.csv").is_file():
+            g, q = read_gamma_csv(Path(r["run_dir"]) / "gamma.csv")
+            gs.append(g)
+            qs.append(q)
+    if not gs:
+        return None
+    g, q = np.concatenate(gs), np.concatenate(qs)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    bins = np.linspace(0, 1, 21)
+    parts = [(g[q == 0], "foreground dropped (IoU 0)"), (g[q > 0], "foreground kept")] if np.isfinite(q).any() \
+        else [(g, "weak images")]
+    ax.hist([p[0] for p in parts], bins=bins, stacked=True, label=[p[1] for p in parts])
+    ax.set_xlabel("learned gamma (DII)")
+    ax.set_ylabel("weak images")
+    ax.set_title(f"{BY_KEY[method].label}: {len(gs)} seed(s)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(recs: Sequence[dict], path: Path,
+                pairs: Sequence[tuple[str, str]] = (("full", "dcr-only"), ("dii-only", "naive-hybrid"))) -> Path | None:
+    """Fig. 3c: validation Dice against the step, with and without DII (mean over seeds, min-max band)."""
+    try:
+        import matplotlib
+    except ImportError:  # optional (the dev extra): tables only
+        print("matplotlib is not installed: no figures (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [p for p in pairs if any(r["method"] in p and r["val_curve"] for r in recs)]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.2), dpi=110, squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        for k in pair:
+            curves = [np.array(r["val_curve"]) for r in recs if r["method"] == k and r["val_curve"]]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = curves[0][:n, 0]
+            ys = np.stack([c[:n, 1] for c in curves])
+            line, = ax.plot(steps, ys.mean(0), label=f"{BY_KEY[k].label} ({len(curves)} seed(s))")
+            if len(curves) > 1:
+                ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation Dice (%)")
+        ax.set_title("with vs without DII", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def machine() -> str:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {dev}, " \
+           f"torch {torch.__version__}"
+
+
+def report(out: Path, preset: Preset, command: str, runs: Sequence[dict] | None = None,
+           methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict:
+    """Collect the finished runs, write results.json, runs.csv, summary.md and the two PNGs; return the summary."""
+    out = Path(out)
+    recs = collect(out, methods, seeds)
+    summary = summarize(recs)
+    tables = format_tables(summary)
+    seconds = {(r["method"], r["seed"]): r.get("seconds") for r in (runs or [])}
+    for r in recs:
+        r["seconds"] = seconds.get((r["method"], r["seed"]))
+    hist = plot_gamma_histogram(recs, out / "gamma_hist.png")
+    curves = plot_curves(recs, out / "curves.png")
+    meta = {"preset": preset.name, "description": preset.description, "command": command, "machine": machine(),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "trainer_overrides": preset.overrides,
+            "base_config": preset.config, "data": preset.data}
+    doc = {"meta": meta, "summary": summary, "runs": recs, "attempts": list(runs or [])}
+    (out / "results.json").write_text(json.dumps(_strict(doc), indent=1, allow_nan=False))
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        cols = ["method", "seed", "dice", "assd", "dice_ensemble", "assd_ensemble", "spearman", "spearman_kept",
+                "seconds"]
+        w.writerow(cols)
+        for r in recs:
+            w.writerow([_cell(r.get(c)) for c in cols])
+    head = (f"# Reproduction suite: preset `{preset.name}`\n\n{preset.description}\n\n"
+            f"- command: `{command}`\n- machine: {meta['machine']}\n- finished: {meta['finished_at']}\n\n")
+    figs = "".join(f"\n![{n}]({n})\n" for n, p in (("gamma_hist.png", hist), ("curves.png", curves)) if p)
+    (out / "summary.md").write_text(head + tables + figs)
+    return {"summary": summary, "tables": tables, "records": recs}
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _strict(o: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, nan/inf to null (strict JSON has neither)."""
+    if isinstance(o, dict):
+        return {str(k): _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    if isinstance(o, (np.floating, np.integer)):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o

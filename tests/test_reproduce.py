@@ -1,0 +1,113 @@
+"""The reproduction suite's machinery on a tiny configuration: every method runs, the tables and figures come out."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hybrid_accel import reproduce as rp
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = ["model.backbone=resnet10t", "model.decoder_channels=8", "model.aspp_rates=[1,2,3]", "data.image_size=32",
+        "train.batch_size=4", "train.steps=4", "dii.tau=2", "dii.warmup=0", "eval.every=2", "eval.overlays=0",
+        "checkpoint.every=0", "data.check=false", "train.cpu=true"]
+
+
+def _tiny_preset():
+    return rp.Preset(name="tiny", description="test", overrides=TINY, seeds=[0],
+                     data={"kind": "synthetic", "synthetic_kind": "polyp", "n_train": 12, "n_val": 2, "n_test": 3,
+                           "size": 32, "strong_count": 4, "seed": 1})
+
+
+def _switches(path: Path) -> dict:
+    """method.* and data.train_on of a config file, following its base: chain."""
+    d = yaml.safe_load(path.read_text())
+    out = _switches(path.parent / d["base"]) if "base" in d else {}
+    for k, v in (d.get("method") or {}).items():
+        out[f"method.{k}"] = v
+    if "train_on" in (d.get("data") or {}):
+        out["data.train_on"] = d["data"]["train_on"]
+    return out
+
+
+@pytest.mark.parametrize("method", rp.METHODS, ids=lambda m: m.key)
+def test_method_switches_match_the_repository_configs(method):
+    cfg = _switches(REPO / "configs" / method.config)
+    mine = dict(o.split("=", 1) for o in method.overrides)
+    for key in ("method.dii", "method.dcr", "method.dii_sampling"):
+        assert str(cfg[key]).lower() == mine[key], (method.key, key)
+    assert cfg.get("data.train_on", "hybrid") == mine["data.train_on"]
+
+
+def test_presets_resolve_to_valid_configs():
+    from hybrid_accel.config import load_config, validate_config
+
+    for preset in rp.PRESETS.values():
+        for m in rp.METHODS:
+            args = rp.trainer_args(preset, m, 0, Path("/nonexistent"), Path("/tmp/x"))
+            config = None
+            if args[0] == "--config":
+                config, args = args[1], args[2:]
+            validate_config(load_config(config, args))
+
+
+def test_summary_targets():
+    recs = []
+    for seed, (full, naive, few, fully) in enumerate([(80, 70, 60, 81), (82, 74, 62, 83)]):
+        for key, dice in (("full", full), ("naive-hybrid", naive), ("few-strong", few), ("fully-supervised", fully)):
+            recs.append({"method": key, "seed": seed, "dice": dice, "assd": 5.0} | (
+                {"spearman": 0.6, "spearman_kept": 0.2} if key == "full" else {}))
+    s = rp.summarize(recs)
+    assert s["methods"]["full"]["dice"]["mean"] == 81 and math.isclose(s["methods"]["full"]["dice"]["std"], 2 ** 0.5)
+    met = [t["met"] for t in s["targets"]]
+    assert met == [True, True, True, True]
+    recs[0]["dice"] = 60  # full method seed 0 drops: mean 71, still 10 points above few strong
+    assert [t["met"] for t in rp.summarize(recs)["targets"]][:3] == [False, True, False]
+    text = rp.format_tables(rp.summarize(recs))
+    assert "MISSED" in text and "Table 1" in text
+
+
+def test_tiny_suite_all_methods_tables_and_figures(tmp_path):
+    preset = _tiny_preset()
+    out = tmp_path / "suite"
+    runs = rp.run_suite(preset, out, inprocess=True, say=lambda m: None)
+    assert len(runs) == 8 and all(r["status"] == "done" for r in runs), runs
+    res = rp.report(out, preset, "pytest", runs)
+    per = res["summary"]["methods"]
+    assert set(per) == {m.key for m in rp.METHODS}
+    for m in rp.METHODS:
+        assert m.label in res["tables"]
+        assert ("spearman" in per[m.key]) == m.dii
+    assert "Table 4" in res["tables"] and "Table 1" in res["tables"] and "Spearman" in res["tables"]
+    for name in ("results.json", "runs.csv", "summary.md", "gamma_hist.png", "curves.png"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "results.json").read_text())  # strict JSON: no NaN
+    assert len(doc["runs"]) == 8 and len(doc["summary"]["targets"]) == 4
+    assert all(r["val_curve"] for r in doc["runs"])
+    # a second call finds every run finished and trains nothing
+    again = rp.run_suite(preset, out, inprocess=True, say=lambda m: None)
+    assert all(r["status"] == "done (earlier)" for r in again)
+
+
+def test_command_line_subprocess_runner(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_cli", REPO / "benchmarks" / "reproduce.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    preset = _tiny_preset()
+    rp.PRESETS["tiny-test"] = preset
+    try:
+        rc = cli.main(["--preset", "tiny-test", "--out", str(tmp_path), "--methods", "few-strong", "--seeds", "3"])
+    finally:
+        del rp.PRESETS["tiny-test"]
+    assert rc == 0
+    log = (tmp_path / "logs" / "few-strong-s3.log").read_text()
+    assert log.startswith("$ ") and "-m hybrid_accel.train" in log and "log.tracking=none" in log
+    assert (tmp_path / "runs" / "few-strong-s3" / "test" / "summary.json").is_file()
+    assert "Few strong" in (tmp_path / "summary.md").read_text()
