@@ -10,7 +10,15 @@ from hybrid_accel import audit
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
+    # cores and run many times slower (benchmarks/RESULTS_train.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +41,12 @@ def run_dir(tmp_path_factory):
         "log.progress=false", "eval.every=0", "eval.overlays=0", "method.dcr=false", "method.dii_sampling=false",
         "train.steps=9", "dii.tau=3", "data.check=false", "optim.lr=0.01", "checkpoint.every=0",
     ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         trainer.train(cfg)
     finally:
+        torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     return tmp / "inv"

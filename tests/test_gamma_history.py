@@ -9,7 +9,15 @@ import torch
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
+    # cores and run many times slower (benchmarks/RESULTS_train.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
