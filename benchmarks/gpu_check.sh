@@ -11,6 +11,8 @@
 #   train  benchmarks/bench_train.py (DCR vs plain throughput, DII update cost), if present
 #   opstest  pytest tests/test_ops.py alone
 #   diag   the C++ error path in isolation (direct dispatcher call with bad shapes), with a backtrace on a crash
+#   amp    the trainer for 200 steps under bf16 and under fp16 autocast (both networks, DII and DCR, all ops):
+#          the run must end with finite losses (a NaN/inf loss stops the trainer with a non-zero status)
 #   cpu    CPU mode: build without CUDA and run the same steps on the CPU (a dry run of this script)
 # At most 8 files come back from the device tool, so logs are grouped per stage.
 set -u -o pipefail
@@ -109,5 +111,17 @@ if has train && [ -f benchmarks/bench_train.py ]; then
   fi
   timeout 300 $PY benchmarks/bench_train.py $args --out "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
   stamp "bench_train rc=$?"
+fi
+if has amp; then
+  for mp in bf16 fp16; do
+    stamp "amp: 200 trainer steps under $mp"
+    [ "$DEV" = cpu ] && steps=4 || steps=200
+    timeout 100 $PY -m hybrid_accel.train train.steps=$steps train.mixed_precision=$mp log.tracking=none \
+      log.progress=false eval.every=100000 checkpoint.every=100000 dii.tau=50 train.batch_size=8 \
+      data.synthetic_dir=/tmp/ha_amp_data data.synthetic_size=128 'data.image_size=[128,128]' \
+      out_dir=/tmp/ha_amp_$mp >> "$OUT/amp.log" 2>&1
+    rc=$?
+    stamp "amp $mp rc=$rc: $(grep -iE 'nan|inf|test' "$OUT/amp.log" | tail -2 | tr '\n' ' ')"
+  done
 fi
 stamp "done"
