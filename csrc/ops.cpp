@@ -47,7 +47,8 @@ at::Tensor grad_dot_cpu(const at::Tensor& feats, const at::Tensor& grad_logits, 
   at::Tensor bias;
   if (ref_bias.has_value()) bias = ref_bias->contiguous();
   const int64_t B = h.size(0), P = h.size(2), R = W.size(0), C = W.size(1);
-  const int64_t block = 1024;
+  // pixels per CPU task: u (R*C x block floats) stays in L1/L2 while every feature row streams through
+  const int64_t block = 512;
   const int64_t nblk = std::max<int64_t>(1, (P + block - 1) / block);
   const auto acc = acc_dtype(h.scalar_type());
   at::Tensor partial = at::zeros({B, nblk, R, C}, h.options().dtype(acc));

@@ -2,12 +2,9 @@
 // Include only after the c10 scalar-type headers, inside the namespace chosen by the including file.
 //
 // For instance b and a block of pixels, the kernel projects each pixel's feature vector onto the
-// reference rows (u[j][p] = W[j] . h[:, p]) in register tiles of PV pixels x NJ rows, then dots the
-// result with the logit gradient: partial[b, blk, j] = sum_p g[b, j % C, p] * (u[j][p] + bias[j]).
-// h is read once per tile, contiguous along pixels; nothing of size C x F per instance is stored.
-
-constexpr int PV = 16;  // pixels per register tile
-constexpr int kPrefetchTiles = 4;  // how far ahead along a row the next tiles are fetched
+// reference rows (u[j][p] = W[j] . h[:, p]), then dots the result with the logit gradient:
+// partial[b, blk, j] = sum_p g[b, j % C, p] * (u[j][p] + bias[j]). h is read once, contiguous along
+// pixels; nothing of size C x F per instance is stored.
 
 inline float load_acc(const float* p) { return *p; }
 inline double load_acc(const double* p) { return *p; }
@@ -22,74 +19,88 @@ inline float load_acc(const c10::BFloat16* p) {
 }
 inline float load_acc(const c10::Half* p) { return static_cast<float>(*p); }
 
+constexpr int kRowGroup = 8;  // feature rows streamed together: 8 prefetcher streams, u touched once per group
+
+// u[j][p] += sum_r w[j][r] * rows[r][p] for NJ reference rows and FG feature rows, over n pixels.
+// The pixel loop is the vectorised one; u is loaded and stored once per group of FG feature rows.
+template <int NJ, int FG, typename feat_t, typename acc_t>
+inline void accumulate_rows(const feat_t* const (&rows)[FG], const acc_t (&w)[NJ][FG], acc_t* const (&u)[NJ],
+                            int64_t n) {
+#pragma GCC ivdep
+  for (int64_t p = 0; p < n; ++p) {
+    acc_t a[NJ];
+    for (int j = 0; j < NJ; ++j) a[j] = u[j][p];
+    for (int r = 0; r < FG; ++r) {
+      const acc_t hv = load_acc(rows[r] + p);
+      for (int j = 0; j < NJ; ++j) a[j] += w[j][r] * hv;
+    }
+    for (int j = 0; j < NJ; ++j) u[j][p] = a[j];
+  }
+}
+
+// u[j0 + j][:] = W[j0 + j] . h[:, :] for NJ reference rows over one block of n pixels.
 template <int NJ, typename feat_t, typename acc_t>
-inline void project_tile(const feat_t* h, int64_t P, int64_t F, const acc_t* W, int64_t n, acc_t (&u)[NJ][PV]) {
-  for (int j = 0; j < NJ; ++j)
-    for (int v = 0; v < PV; ++v) u[j][v] = 0;
-  if (n == PV) {
-    for (int64_t f = 0; f < F; ++f) {
-      acc_t hv[PV];
-      const feat_t* row = h + f * P;
-      // Each tile touches F rows that lie P elements apart: more streams than the hardware
-      // prefetcher follows, so fetch this row's next tiles explicitly.
-      __builtin_prefetch(row + kPrefetchTiles * PV);
-      for (int v = 0; v < PV; ++v) hv[v] = load_acc(row + v);
-      for (int j = 0; j < NJ; ++j) {
-        const acc_t w = W[j * F + f];
-        for (int v = 0; v < PV; ++v) u[j][v] += w * hv[v];
-      }
-    }
-  } else {  // ragged tail: P need not be a multiple of anything
-    for (int64_t f = 0; f < F; ++f) {
-      acc_t hv[PV];
-      const feat_t* row = h + f * P;
-      for (int v = 0; v < PV; ++v) hv[v] = v < n ? load_acc(row + v) : acc_t(0);
-      for (int j = 0; j < NJ; ++j) {
-        const acc_t w = W[j * F + f];
-        for (int v = 0; v < PV; ++v) u[j][v] += w * hv[v];
-      }
-    }
-  }
-}
-
-template <int NJ, typename feat_t, typename grad_t, typename acc_t>
-inline void tile_rows(const feat_t* h, const grad_t* g, const acc_t* W, const acc_t* bias, acc_t* part, int64_t j0,
-                      int64_t C, int64_t P, int64_t F, int64_t p0, int64_t n) {
-  acc_t u[NJ][PV];
-  project_tile<NJ>(h + p0, P, F, W + j0 * F, n, u);
+inline void project_block(const feat_t* hb, int64_t P, int64_t F, const acc_t* W, int64_t j0, acc_t* u, int64_t block,
+                          int64_t n) {
+  acc_t* uj[NJ];
   for (int j = 0; j < NJ; ++j) {
-    const int64_t jj = j0 + j;
-    const grad_t* gr = g + (jj % C) * P + p0;
-    const acc_t bj = bias ? bias[jj] : acc_t(0);
-    acc_t s = 0;
-    for (int64_t v = 0; v < n; ++v) s += load_acc(gr + v) * (u[j][v] + bj);
-    part[jj] += s;
+    uj[j] = u + (j0 + j) * block;
+    std::fill(uj[j], uj[j] + n, acc_t(0));
+  }
+  int64_t f = 0;
+  for (; f + kRowGroup <= F; f += kRowGroup) {
+    const feat_t* rows[kRowGroup];
+    acc_t w[NJ][kRowGroup];
+    for (int r = 0; r < kRowGroup; ++r) {
+      rows[r] = hb + (f + r) * P;
+      for (int j = 0; j < NJ; ++j) w[j][r] = W[(j0 + j) * F + f + r];
+    }
+    accumulate_rows<NJ, kRowGroup>(rows, w, uj, n);
+  }
+  for (; f < F; ++f) {  // F need not be a multiple of the row group
+    const feat_t* rows[1] = {hb + f * P};
+    acc_t w[NJ][1];
+    for (int j = 0; j < NJ; ++j) w[j][0] = W[(j0 + j) * F + f];
+    accumulate_rows<NJ, 1>(rows, w, uj, n);
   }
 }
 
-// partial: [B, nblk, RC], nblk = ceil(P / block). Deterministic: each (b, blk) is one task.
+// partial: [B, nblk, RC], nblk = ceil(P / block), `block` pixels per task. Deterministic: each (b, blk) is one task.
+//
+// Loop order: feature rows stream through in groups of kRowGroup, each row's block of pixels read once and
+// contiguously (so the hardware prefetcher follows it), accumulating u[j][p] = W[j] . h[:, p] for up to four
+// reference rows at a time; u (RC x block values) stays in L1/L2. Walking a small pixel tile down all F rows
+// instead touches F rows that lie P elements apart, which thrashes the L1 sets when P is a multiple of 4 KiB.
 template <typename feat_t, typename grad_t, typename acc_t>
 void grad_dot_partials(const feat_t* h, const grad_t* g, const acc_t* W, const acc_t* bias, acc_t* partial, int64_t B,
                        int64_t F, int64_t C, int64_t RC, int64_t P, int64_t block, int num_threads) {
   const int64_t nblk = (P + block - 1) / block;
   const int64_t ntask = B * nblk;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (ntask > 1)
-  for (int64_t task = 0; task < ntask; ++task) {
-    const int64_t b = task / nblk, blk = task % nblk;
-    const feat_t* hb = h + b * F * P;
-    const grad_t* gb = g + b * C * P;
-    acc_t* part = partial + task * RC;
-    for (int64_t j = 0; j < RC; ++j) part[j] = 0;
-    const int64_t pend = std::min(P, (blk + 1) * block);
-    for (int64_t p0 = blk * block; p0 < pend; p0 += PV) {
-      const int64_t n = std::min<int64_t>(PV, pend - p0);
+#pragma omp parallel num_threads(num_threads) if (ntask > 1)
+  {
+    std::vector<acc_t> u(static_cast<size_t>(RC * block));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < ntask; ++task) {
+      const int64_t b = task / nblk, blk = task % nblk;
+      const int64_t p0 = blk * block;
+      const int64_t n = std::min(block, P - p0);
+      const feat_t* hb = h + b * F * P + p0;
       int64_t j0 = 0;
-      for (; j0 + 4 <= RC; j0 += 4) tile_rows<4>(hb, gb, W, bias, part, j0, C, P, F, p0, n);
+      for (; j0 + 4 <= RC; j0 += 4) project_block<4>(hb, P, F, W, j0, u.data(), block, n);
       switch (RC - j0) {
-        case 3: tile_rows<3>(hb, gb, W, bias, part, j0, C, P, F, p0, n); break;
-        case 2: tile_rows<2>(hb, gb, W, bias, part, j0, C, P, F, p0, n); break;
-        case 1: tile_rows<1>(hb, gb, W, bias, part, j0, C, P, F, p0, n); break;
+        case 3: project_block<3>(hb, P, F, W, j0, u.data(), block, n); break;
+        case 2: project_block<2>(hb, P, F, W, j0, u.data(), block, n); break;
+        case 1: project_block<1>(hb, P, F, W, j0, u.data(), block, n); break;
         default: break;
+      }
+      acc_t* part = partial + task * RC;
+      for (int64_t j = 0; j < RC; ++j) {
+        const grad_t* gr = g + (b * C + j % C) * P + p0;
+        const acc_t* uj = u.data() + j * block;
+        const acc_t bj = bias ? bias[j] : acc_t(0);
+        acc_t s = 0;
+        for (int64_t p = 0; p < n; ++p) s += load_acc(gr + p) * (uj[p] + bj);
+        part[j] = s;
       }
     }
   }

@@ -3,6 +3,8 @@
 // and no shared inline function gets an AVX2 body that a baseline CPU could pick up at link time.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 #include "kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

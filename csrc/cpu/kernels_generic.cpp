@@ -1,6 +1,8 @@
 // Baseline-ISA build of the CPU grad_dot kernel (runs on any x86-64 or other CPU).
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 #include "kernels.h"
 
 namespace hybrid_accel {
