@@ -9,7 +9,7 @@ Also reports the per-image cost at 0 workers split into decode (file -> array) a
 (warp, flips, jitter, normalise), which is what one worker sustains.
 
     python benchmarks/bench_data.py                     # synthetic polyps (+ CVC-ClinicDB if present)
-    python benchmarks/bench_data.py --write benchmarks/RESULTS_data.md --machine "2-core CPU (dev machine)"
+    python benchmarks/bench_data.py --write /tmp/results_data.md --machine "2-core CPU (dev machine)"
 """
 
 from __future__ import annotations

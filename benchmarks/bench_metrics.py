@@ -1,6 +1,6 @@
 """Time Dice + ASSD for a test set of realistic binary masks (default 200 images of 512x512).
 
-    python benchmarks/bench_metrics.py [--n 200] [--size 512] [--medpy 20] [--out benchmarks/RESULTS_metrics.md]
+    python benchmarks/bench_metrics.py [--n 200] [--size 512] [--medpy 20] [--out results_metrics.md]
 
 Masks are smooth blobs (rotated ellipses with a wavy outline, polyp-like); the prediction is the
 truth distorted (shifted, rescaled, wavier). Reports the median of repeated runs of the whole

@@ -518,7 +518,7 @@ def _set_cpu_threads(cfg: Config, accelerator: Any) -> None:
     """torch's CPU threads: ``train.cpu_threads``, or 1 when the CPU is oversubscribed.
 
     OpenMP threads that share cores with other busy processes wait on each other: on a loaded
-    2-core machine two threads per process ran 20x slower than one (benchmarks/RESULTS_train.md).
+    2-core machine two threads per process ran 20x slower than one (benchmarks/RESULTS.md, section 2.2).
     """
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)

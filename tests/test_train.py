@@ -32,7 +32,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
-    # cores and run many times slower (benchmarks/RESULTS_train.md)
+    # cores and run many times slower (benchmarks/RESULTS.md, section 2.2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
