@@ -47,6 +47,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def peak_mib(fn, device) -> float | None:
+    """Peak GPU memory of one call of ``fn`` above what was allocated before it (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 def median_time(fn, device, n: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -91,6 +103,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--paper-batch", type=int, default=16)
     ap.add_argument("--machine", default=None, help="machine description for the table")
     ap.add_argument("--out", default=None, help="write the results as JSON")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of 3 DCR steps to this file")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -155,6 +168,17 @@ def main(argv=None) -> dict:
     ips_plain = B / t_plain
     ips_plain3 = 3 * B / t_plain3
     ips_dcr = 6 * B / t_dcr
+    mem = {"plain_step": peak_mib(plain_step, device), "dcr_step": peak_mib(dcr_step, device)}
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                dcr_step()
+            _sync(device)
+        key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        Path(a.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
     # ---- 2. DII update vs inference over the same images
     n1.eval()
@@ -181,6 +205,8 @@ def main(argv=None) -> dict:
 
     t_inf = median_time(inference, device, max(3, a.iters // 2), 1)
     t_dii = median_time(dii_update, device, max(3, a.iters // 2), 1)
+    mem["inference"] = peak_mib(inference, device)
+    mem["dii_update"] = peak_mib(dii_update, device)
     dii_per_image = t_dii / n_scan
 
     # ---- 3. DII's share at the paper's settings
@@ -198,6 +224,7 @@ def main(argv=None) -> dict:
         "scan_images": n_scan, "scan_batch": scan_batch, "inference_s": t_inf, "dii_update_s": t_dii,
         "dii_vs_inference": t_dii / t_inf,
         "paper_dii_update_s": t_update, "paper_tau_steps_s": a.paper_tau * t_step16, "paper_dii_share": share,
+        "peak_mib": mem,
     }
     rows = [
         ("DCR step, image-passes/s", f"{ips_dcr:.1f}", f"plain B={B}: {ips_plain:.1f}", f"{100 * ips_dcr / ips_plain:.1f}%", ">= 90%"),
@@ -213,6 +240,8 @@ def main(argv=None) -> dict:
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     for r in [head] + rows:
         print("  ".join(str(v).ljust(wd) for v, wd in zip(r, widths)))
+    if gpu:
+        print("peak GPU memory above the inputs (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
     return res

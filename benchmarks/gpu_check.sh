@@ -13,6 +13,8 @@
 #   diag   the C++ error path in isolation (direct dispatcher call with bad shapes), with a backtrace on a crash
 #   amp    the trainer for 200 steps under bf16 and under fp16 autocast (both networks, DII and DCR, all ops):
 #          the run must end with finite losses (a NaN/inf loss stops the trainer with a non-zero status)
+#   repro  the reproduction suite's gpu preset (benchmarks/reproduce.py --preset gpu) on hybrid CVC-ClinicDB,
+#          which needs ../shared/data/cvc-clinicdb copied into the tree first (see docs/reproduce.md)
 #   cpu    CPU mode: build without CUDA and run the same steps on the CPU (a dry run of this script)
 # At most 8 files come back from the device tool, so logs are grouped per stage.
 set -u -o pipefail
@@ -109,7 +111,8 @@ if has train && [ -f benchmarks/bench_train.py ]; then
   else
     args="--device cpu --backbone resnet18 --size 64 --batch 4"
   fi
-  timeout 300 $PY benchmarks/bench_train.py $args --out "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
+  timeout 300 $PY benchmarks/bench_train.py $args --out "$OUT/bench_train.json" --profile "$OUT/profile_dcr.txt" \
+    > "$OUT/bench_train.log" 2>&1
   stamp "bench_train rc=$?"
 fi
 if has amp; then
@@ -124,4 +127,15 @@ if has amp; then
     stamp "amp $mp rc=$rc: $(grep -iE 'nan|inf|test' "$OUT/amp.log" | tail -2 | tr '\n' ' ')"
   done
 fi
+if has repro && [ -f benchmarks/reproduce.py ]; then
+  stamp "reproduce: gpu preset"
+  timeout 540 $PY benchmarks/reproduce.py --preset gpu --out /tmp/ha_repro > "$OUT/reproduce.log" 2>&1
+  stamp "reproduce rc=$?"
+fi
 stamp "done"
+# the device tool returns at most 8 files: pack the logs when there are more
+n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+if [ "$n" -gt 7 ]; then
+  (cd "$OUT" && tar czf logs.tar.gz --exclude=summary.txt --exclude=logs.tar.gz --exclude='*.json' -- *.log *.txt 2>/dev/null \
+    && find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.txt' \) ! -name summary.txt -delete)
+fi
