@@ -18,7 +18,7 @@ grad_dot is measured at the classifier stage it replaces: given the classifier's
 The surrogate has exactly the per-instance classifier gradient of the real loss, since delta_k = dl_k/dz_k.
 
 Reported per case: median time (torch.utils.benchmark), peak extra memory (CUDA: max_memory_allocated above
-the inputs; CPU: peak RSS growth in a fresh subprocess), the minimum bytes the computation must move, the
+the inputs; CPU: peak resident memory above the memory before the call, sampled by a thread), the minimum bytes the computation must move, the
 achieved bandwidth and its fraction of the device's copy bandwidth measured in the same run.
 """
 
@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -234,25 +234,41 @@ def measure_one(kind, case, variant, device, min_run_time):
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        fn()
-        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        peak = cpu_peak_bytes(fn)
     t = median_time(fn, device, min_run_time)
     return {"time_s": t, "peak_bytes": peak, "bytes": nbytes}
 
 
-def run_isolated(kind, case, variant, device, min_run_time):
-    """CPU peak memory needs a fresh process per measurement (ru_maxrss only grows)."""
-    code = (
-        "import json, sys, torch; sys.path.insert(0, %r); import bench_ops as b; "
-        "print('RESULT', json.dumps(b.measure_one(%r, %r, %r, torch.device(%r), %r)))"
-        % (os.path.dirname(os.path.abspath(__file__)), kind, tuple(case), variant, str(device), min_run_time)
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"benchmark subprocess failed for {kind} {case} {variant}:\n{out.stderr[-2000:]}")
+def cpu_peak_bytes(fn, interval=2e-4):
+    """Peak resident memory of one call of ``fn`` above the resident memory just before it.
+
+    A thread samples /proc/self/statm while ``fn`` runs; large tensors are mmap'd and returned to the
+    system when freed, so the memory before the call holds only what is alive then.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base = rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(interval)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    peak[0] = max(peak[0], rss())
+    return max(0, peak[0] - base)
 
 
 def main(argv=None):
@@ -280,7 +296,6 @@ def main(argv=None):
     if device.type == "cuda":
         info["driver"] = _driver_version()
     print(f"# {name}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s (read+write)")
-    measure = measure_one if device.type == "cuda" else run_isolated
     rows = []
     hdr = f"{'op':<16}{'case':<34}{'variant':<8}{'median ms':>11}{'peak MiB':>10}{'GB/s':>9}{'%roof':>7}{'speedup':>9}"
     print(hdr)
@@ -294,7 +309,7 @@ def main(argv=None):
                 if v == "loop" and case[0] > 16 and device.type == "cpu":
                     continue
                 try:
-                    res[v] = measure(kind, case, v, device, mrt)
+                    res[v] = measure_one(kind, case, v, device, mrt)
                 except Exception as exc:  # noqa: BLE001 - report and go on (for example out of memory)
                     print(f"{kind:<16}{str(case):<34}{v:<8} failed: {type(exc).__name__}: {str(exc)[:80]}")
                     continue
