@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 
 namespace hybrid_accel {
 
@@ -89,6 +90,13 @@ inline void check_foreground_paste(const at::Tensor& x_i, const at::Tensor& x_j,
   HA_CHECK(p1_i.size(1) >= 1, "foreground_paste: predictions need at least one class");
   HA_CHECK(x_j.device() == x_i.device() && y_i.device() == x_i.device() && cls.device() == x_i.device(),
            "foreground_paste: all inputs must be on one device");
+}
+
+// Outputs of foreground_paste for contiguous inputs x_i [B, K, H, W]: x_m, mask, y1_m, y2_m.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> paste_outputs(const at::Tensor& xi) {
+  const int64_t B = xi.size(0), H = xi.size(2), W = xi.size(3);
+  return {at::empty_like(xi, at::MemoryFormat::Contiguous), at::empty({B, H, W}, xi.options().dtype(at::kBool)),
+          at::empty({B, H, W}, xi.options().dtype(at::kLong)), at::empty({B, H, W}, xi.options().dtype(at::kLong))};
 }
 
 }  // namespace hybrid_accel

@@ -128,11 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> foreground_paste_cpu(
   TORCH_CHECK(x_i.device().is_cpu(), "foreground_paste (CPU kernel): inputs must be on the CPU");
   const auto xi = x_i.contiguous(), xj = x_j.contiguous(), y = y_i.contiguous(), c = cls.contiguous();
   const auto p1i = p1_i.contiguous(), p1j = p1_j.contiguous(), p2i = p2_i.contiguous(), p2j = p2_j.contiguous();
-  const int64_t B = xi.size(0), H = xi.size(2), W = xi.size(3);
-  auto xm = at::empty_like(xi);
-  auto mask = at::empty({B, H, W}, xi.options().dtype(at::kBool));
-  auto y1 = at::empty({B, H, W}, xi.options().dtype(at::kLong));
-  auto y2 = at::empty({B, H, W}, xi.options().dtype(at::kLong));
+  at::Tensor xm, mask, y1, y2;  // (no structured binding: C++17 lambdas cannot capture one)
+  std::tie(xm, mask, y1, y2) = paste_outputs(xi);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xi.scalar_type(), "foreground_paste_cpu_x", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p1i.scalar_type(), "foreground_paste_cpu_p", [&] {

@@ -317,12 +317,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> foreground_paste_cuda
   };
   const auto xi = cont(x_i), xj = cont(x_j), y = cont(y_i), c = cls.contiguous();
   const auto p1i = cont(p1_i), p1j = cont(p1_j), p2i = cont(p2_i), p2j = cont(p2_j);
-  const int64_t B = xi.size(0), H = xi.size(2), W = xi.size(3);
-  auto xm = at::empty_like(xi, at::MemoryFormat::Contiguous);
-  auto mask = at::empty({B, H, W}, xi.options().dtype(at::kBool));
-  auto y1 = at::empty({B, H, W}, xi.options().dtype(at::kLong));
-  auto y2 = at::empty({B, H, W}, xi.options().dtype(at::kLong));
-  if (xi.numel() == 0 && B * H * W == 0) return {xm, mask, y1, y2};
+  at::Tensor xm, mask, y1, y2;  // (no structured binding: C++17 lambdas cannot capture one)
+  std::tie(xm, mask, y1, y2) = paste_outputs(xi);
+  if (mask.numel() == 0) return {xm, mask, y1, y2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xi.scalar_type(), "foreground_paste_cuda_x", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p1i.scalar_type(), "foreground_paste_cuda_p", [&] {
