@@ -4,6 +4,7 @@
     python benchmarks/reproduce.py --preset gpu --out runs/repro-gpu   # hybrid CVC-ClinicDB on one H100
     python benchmarks/reproduce.py --preset cpu --seeds 0 1 2 --methods full naive-hybrid few-strong
     python benchmarks/reproduce.py --preset cpu --report         # tables from the runs that finished
+    python benchmarks/reproduce.py --preset cpu --methods full -- train.steps=800   # trainer overrides after --
 
 Methods (DESIGN.md section 4): weakly-supervised, few-strong, fully-supervised, naive-hybrid,
 dii-only, dcr-only, dii-dcr, full (= DII + DCR + DII sampling). Each run is
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
                    help="backbone weights (a local file, or 'timm' on a machine online); default: from scratch")
     p.add_argument("--report", action="store_true", help="only rebuild the tables from the finished runs")
     p.add_argument("--inprocess", action="store_true", help="train in this process, one run at a time")
-    p.add_argument("overrides", nargs="*", help="extra trainer overrides for every run (key=value, e.g. train.steps=20)")
+    p.add_argument("overrides", nargs="*", help="extra trainer overrides for every run (key=value, e.g. train.steps=20); "
+                                                "after -- when they follow --methods or --seeds")
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
     out = Path(a.out or f"runs/reproduce-{a.preset}")

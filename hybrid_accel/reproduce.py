@@ -274,11 +274,14 @@ def read_gamma_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _net_metrics(models: dict) -> dict:
     """The primary network's metrics (``primary`` with DCR, ``net`` without) and the ensemble's."""
+    def num(v):  # summary.json is strict JSON: an undefined ASSD (no foreground predicted) is null
+        return math.nan if v is None else float(v)
+
     main = models.get("primary") or models.get("net")
     ens = models.get("ensemble")
-    out = {"dice": 100.0 * float(main["mean_dice"]), "assd": float(main["mean_assd"])}
+    out = {"dice": 100.0 * num(main["mean_dice"]), "assd": num(main["mean_assd"])}
     if ens is not None:
-        out |= {"dice_ensemble": 100.0 * float(ens["mean_dice"]), "assd_ensemble": float(ens["mean_assd"])}
+        out |= {"dice_ensemble": 100.0 * num(ens["mean_dice"]), "assd_ensemble": num(ens["mean_assd"])}
     return out
 
 

@@ -120,3 +120,14 @@ def test_command_line_subprocess_runner(tmp_path):
     assert log.startswith("$ ") and "-m hybrid_accel.train" in log and "log.tracking=none" in log
     assert (tmp_path / "runs" / "few-strong-s3" / "test" / "summary.json").is_file()
     assert "Few strong" in (tmp_path / "summary.md").read_text()
+
+
+def test_collect_reads_an_undefined_assd_as_nan(tmp_path):
+    # a network that predicts no foreground has no surface: summary.json (strict JSON) holds null
+    run = tmp_path / "runs" / "naive-hybrid-s0" / "test"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"n_images": 4, "models": {"net": {"mean_dice": 0.0,
+                                                                                    "mean_assd": None}}}))
+    (rec,) = rp.collect(tmp_path)
+    assert rec["dice"] == 0.0 and math.isnan(rec["assd"])
+    assert "| Naive hybrid | 0.00 | n/a |" in rp.format_tables(rp.summarize([rec]))
