@@ -254,6 +254,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes (e.g. mixed_precision: no) as a boolean
+            return "yes" if value else "no"
         return str(value)
     return value
 

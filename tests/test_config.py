@@ -102,3 +102,9 @@ def test_shipped_configs_load_and_validate():
     assert polyp.optim.lr == 0.002 and polyp.optim.momentum == 0.9 and polyp.optim.weight_decay == 5e-5
     assert polyp.dii.tau == 400 and polyp.dii.lr == 0.1 and polyp.method.lambda_ == 4
     assert isinstance(Config(), Config)
+
+
+def test_bare_no_reads_as_the_string_no():
+    # YAML 1.1 parses a bare `no` as False; string options such as train.mixed_precision take it as "no"
+    cfg = load_config(None, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
