@@ -11,14 +11,7 @@ from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
-    # cores and run many times slower (benchmarks/RESULTS_train.md)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,7 @@ from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
-    # cores and run many times slower (benchmarks/RESULTS_train.md)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _cfg(root, out, *extra):

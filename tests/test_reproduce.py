@@ -13,14 +13,7 @@ from hybrid_accel import reproduce as rp
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
-    # cores and run many times slower (benchmarks/RESULTS_train.md)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = ["model.backbone=resnet10t", "model.decoder_channels=8", "model.aspp_rates=[1,2,3]", "data.image_size=32",
         "train.batch_size=4", "train.steps=4", "dii.tau=2", "dii.warmup=0", "eval.every=2", "eval.overlays=0",

@@ -29,18 +29,7 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
-    # cores and run many times slower (benchmarks/RESULTS.md, section 2.2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _cfg(data, out, *extra):

@@ -1,0 +1,24 @@
+"""Fixtures shared by the training-related tests."""
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_torch_thread():
+    # one torch thread: on a small shared CPU, two OpenMP threads per process oversubscribe the
+    # cores and run many times slower (benchmarks/RESULTS.md, section 2.2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state(one_torch_thread):
+    """One torch thread, and accelerate's process-wide singletons reset after the test."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
