@@ -126,15 +126,22 @@ def main(argv=None) -> dict:
     opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
     x_i, y_i = _synthetic_batch(B, C, a.size, device, gen)
     x_j, y_j = _synthetic_batch(B, C, a.size, device, gen)
-    w = torch.ones(B, device=device)
 
-    def plain_step():
-        with autocast():
-            loss = weighted_mean(per_instance_ce(plain(x_i), y_i), w)
-        scaler.scale(loss).backward()
-        scaler.step(opt_p)
-        scaler.update()
-        opt_p.zero_grad(set_to_none=True)
+    def make_plain_step(x, y):
+        w = torch.ones(x.shape[0], device=device)
+
+        def step():
+            with autocast():
+                loss = weighted_mean(per_instance_ce(plain(x), y), w)
+            scaler.scale(loss).backward()
+            scaler.step(opt_p)
+            scaler.update()
+            opt_p.zero_grad(set_to_none=True)
+
+        return step
+
+    plain_step = make_plain_step(x_i, y_i)
+    w = torch.ones(B, device=device)
 
     n1, n2 = net(), net()
     opt_d = torch.optim.SGD(list(n1.parameters()) + list(n2.parameters()), lr=1e-3, momentum=0.9)
@@ -152,16 +159,7 @@ def main(argv=None) -> dict:
 
     t_plain = median_time(plain_step, device, a.iters, a.warmup)
     # the stricter reference: a plain step whose forward has the DCR forward's batch (3B)
-    x_i3, y_i3 = torch.cat([x_i, x_j, x_i]), torch.cat([y_i, y_j, y_i])
-    w3 = torch.ones(3 * B, device=device)
-
-    def plain_step3():
-        with autocast():
-            loss = weighted_mean(per_instance_ce(plain(x_i3), y_i3), w3)
-        scaler.scale(loss).backward()
-        scaler.step(opt_p)
-        scaler.update()
-        opt_p.zero_grad(set_to_none=True)
+    plain_step3 = make_plain_step(torch.cat([x_i, x_j, x_i]), torch.cat([y_i, y_j, y_i]))
 
     t_plain3 = median_time(plain_step3, device, a.iters, a.warmup)
     t_dcr = median_time(dcr_step, device, a.iters, a.warmup)
