@@ -365,7 +365,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hybrid_accel.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="exported model (.safetensors) or, later, a run directory")
+    p.add_argument("--model", required=True, help="exported model (.safetensors), a training run folder (both networks) or a trainer checkpoint")
     p.add_argument("--model2", default=None, help="second network (DCR auxiliary); adds an ensemble")
     p.add_argument("--names", nargs="+", default=None, help="names of the networks (default net1, net2)")
     p.add_argument("--data", required=True, help="dataset folder (with its manifest)")
