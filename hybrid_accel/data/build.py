@@ -89,6 +89,23 @@ def _weak_files(
     return {"quality_iou": iou, "quality_dice": dice, "weak_type": weak_type, "severity": severity}
 
 
+def _manifest_row(
+    root: Path, name: str, image: Any, exact: np.ndarray, split: str, row_kind: str, group: str,
+    weak_type: str, severity: float, seed: int, index: int, ignore_index: int,
+) -> dict[str, Any]:
+    """Write the exact mask (and, for a weak row, the simulated weak mask) and return the manifest row."""
+    mask_path = root / "masks" / f"{name}.png"
+    write_mask(mask_path, exact)
+    rec = {"image": image, "mask": mask_path, "split": split, "kind": row_kind, "group": group,
+           "true_mask": mask_path, "weak_type": "", "severity": math.nan,
+           "quality_iou": math.nan, "quality_dice": math.nan}
+    if row_kind == "weak":
+        weak_path = root / "weak" / f"{name}.png"
+        rec.update(_weak_files(exact, weak_type, severity, seed, index, ignore_index, weak_path))
+        rec["mask"] = weak_path
+    return rec
+
+
 def _pool_map(fn, jobs: list, workers: int | None, progress: bool, desc: str) -> list:
     """``[fn(*job) for job in jobs]`` in order, over a process pool when ``workers`` > 1."""
     workers = min(os.cpu_count() or 1, 4) if workers is None else workers
@@ -119,20 +136,12 @@ def _synth_one(
     name = f"{index:06d}"
     rootp = Path(root)
     image_path = rootp / "images" / f"{name}{image_ext}"
-    mask_path = rootp / "masks" / f"{name}.png"
     if image_ext == ".png":
         Image.fromarray(img).save(image_path, compress_level=1)
     else:
         Image.fromarray(img).save(image_path, quality=95)
-    write_mask(mask_path, exact)
-    rec = {"image": image_path, "mask": mask_path, "split": split, "kind": row_kind, "group": name,
-           "true_mask": mask_path, "weak_type": "", "severity": math.nan,
-           "quality_iou": math.nan, "quality_dice": math.nan}
-    if row_kind == "weak":
-        weak_path = rootp / "weak" / f"{name}.png"
-        rec.update(_weak_files(exact, weak_type, severity, seed, index, ignore_index, weak_path))
-        rec["mask"] = weak_path
-    return rec
+    return _manifest_row(rootp, name, image_path, exact, split, row_kind, name, weak_type, severity, seed, index,
+                         ignore_index)
 
 
 def make_synthetic_hybrid(
@@ -337,15 +346,8 @@ def _prepare_one(
     if copy_images:
         img_out = str(outp / "images" / f"{name}{Path(image).suffix.lower()}")
         shutil.copyfile(image, img_out)
-    mask_path = outp / "masks" / f"{name}.png"
-    write_mask(mask_path, exact)
-    rec = {"image": img_out, "mask": mask_path, "split": split, "kind": row_kind, "group": group,
-           "true_mask": mask_path, "weak_type": "", "severity": math.nan,
-           "quality_iou": math.nan, "quality_dice": math.nan, "_max": int(exact[exact != ignore_index].max(initial=0))}
-    if row_kind == "weak":
-        weak_path = outp / "weak" / f"{name}.png"
-        rec.update(_weak_files(exact, weak_type, severity, seed, i, ignore_index, weak_path))
-        rec["mask"] = weak_path
+    rec = _manifest_row(outp, name, img_out, exact, split, row_kind, group, weak_type, severity, seed, i, ignore_index)
+    rec["_max"] = int(exact[exact != ignore_index].max(initial=0))
     return rec
 
 
