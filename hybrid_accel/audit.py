@@ -33,6 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._plot import pyplot, save
+
 __all__ = ["load_run", "predict_weak", "write_audit", "main"]
 
 
@@ -169,13 +171,9 @@ def _plot(run: dict, path: Path) -> float:
     g, q = run["gamma"], run["quality_iou"]
     known = np.isfinite(q).any()
     rho = spearman(g, q) if known else math.nan
-    try:
-        import matplotlib
-    except ImportError:  # an optional dependency (the dev extra): the page then goes without the figure
-        print("matplotlib is not installed: no gamma_hist.png (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot("gamma_hist.png")  # optional (the dev extra): the page then goes without the figure
+    if plt is None:
         return rho
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2 if known else 1, figsize=(9 if known else 4.5, 3.2), dpi=110, squeeze=False)
     ax = axes[0][0]
@@ -194,9 +192,7 @@ def _plot(run: dict, path: Path) -> float:
         ax.set_xlabel("true IoU of the weak mask")
         ax.set_ylabel("gamma")
         ax.set_title(f"Spearman {rho:.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return rho
 
 

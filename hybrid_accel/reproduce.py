@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._plot import pyplot, save
+
 __all__ = ["METHODS", "PRESETS", "Method", "Preset", "prepare_dataset", "run_suite", "collect", "summarize",
            "format_tables", "plot_gamma_histogram", "plot_curves", "spearman"]
 
@@ -407,13 +409,9 @@ def format_tables(summary: dict) -> str:
 # ------------------------------------------------------------------------------------- figures
 def plot_gamma_histogram(recs: Sequence[dict], path: Path, method: str = "full") -> Path | None:
     """Fig. 3b: gamma of every weak image, all seeds of ``method`` pooled, dropped vs kept masks."""
-    try:
-        import matplotlib
-    except ImportError:  # optional (the dev extra): tables only
-        print("matplotlib is not installed: no figures (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot("figures")  # optional (the dev extra): tables only
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     gs, qs = [], []
     for r in recs:
@@ -433,23 +431,15 @@ def plot_gamma_histogram(recs: Sequence[dict], path: Path, method: str = "full")
     ax.set_ylabel("weak images")
     ax.set_title(f"{BY_KEY[method].label}: {len(gs)} seed(s)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_curves(recs: Sequence[dict], path: Path,
                 pairs: Sequence[tuple[str, str]] = (("full", "dcr-only"), ("dii-only", "naive-hybrid"))) -> Path | None:
     """Fig. 3c: validation Dice against the step, with and without DII (mean over seeds, min-max band)."""
-    try:
-        import matplotlib
-    except ImportError:  # optional (the dev extra): tables only
-        print("matplotlib is not installed: no figures (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot("figures")  # optional (the dev extra): tables only
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     pairs = [p for p in pairs if any(r["method"] in p and r["val_curve"] for r in recs)]
     if not pairs:
@@ -470,11 +460,7 @@ def plot_curves(recs: Sequence[dict], path: Path,
         ax.set_ylabel("validation Dice (%)")
         ax.set_title("with vs without DII", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def machine() -> str:
