@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..losses import per_instance_ce
 from . import _ref
 from ._ext import EXT_ERROR, ext_has_kernel, extension_available, require_extension
 
@@ -242,12 +243,6 @@ def cutmix_paste(x_i, x_j, p1_i, p1_j, p2_i, p2_j, area=(0.25, 0.5), generator: 
 
 
 # ------------------------------------------------------------------------------------------ DII helpers
-def _per_instance_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    from ..losses import per_instance_ce
-
-    return per_instance_ce(logits, labels, ignore_index=ignore_index)
-
-
 def ce_grad_logits(logits_low: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """delta_k = d l_k / d z_k for every instance, at the classifier's resolution, in float32.
 
@@ -266,7 +261,7 @@ def ce_grad_logits(logits_low: torch.Tensor, labels: torch.Tensor, ignore_index:
     with torch.enable_grad():
         z = logits_low.detach().to(acc).requires_grad_(True)
         up = F.interpolate(z, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
-        loss = _per_instance_ce(up, labels.long(), ignore_index).sum()
+        loss = per_instance_ce(up, labels.long(), ignore_index).sum()
         (delta,) = torch.autograd.grad(loss, z)
     return delta
 
