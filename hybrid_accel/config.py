@@ -85,9 +85,10 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.05  # SGD learning rate at step 0 (paper: 0.002, with ImageNet weights)
-    momentum: float = 0.9  # SGD momentum (paper: 0.9)
-    weight_decay: float = 5e-5  # SGD weight decay (paper: 5e-5)
+    name: str = "sgd"  # sgd (the paper's) | adamw (faster from random weights)
+    lr: float = 0.05  # learning rate at step 0 (paper, SGD: 0.002, with ImageNet weights; AdamW: try 1e-3)
+    momentum: float = 0.9  # SGD momentum (paper: 0.9); AdamW uses (momentum, 0.999) as its betas
+    weight_decay: float = 5e-5  # weight decay (paper: 5e-5); decoupled under AdamW
     schedule: str = "poly"  # poly: lr * (1 - t/steps)^power | cosine | constant
     power: float = 0.9  # exponent of the poly schedule
     warmup_steps: int = 0  # linear learning-rate warm-up steps before the schedule
@@ -378,6 +379,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 _CHOICES = {
     "data.train_on": ("hybrid", "strong", "weak", "full"),
     "data.synthetic_kind": ("polyp", "asoct"),
+    "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("poly", "cosine", "constant"),
     "method.paste": ("foreground", "cutmix"),
     "method.pseudo_loss": ("ce", "kl"),
@@ -433,6 +435,8 @@ def validate_config(cfg: Config) -> None:
         p.append(f"train.grad_accum={t.grad_accum}: must be positive")
     if cfg.optim.lr < 0:
         p.append(f"optim.lr={cfg.optim.lr}: cannot be negative")
+    if not 0 <= cfg.optim.momentum < 1:
+        p.append(f"optim.momentum={cfg.optim.momentum}: must be in [0, 1) (also AdamW's first beta)")
     if cfg.eval.every < 0 or cfg.checkpoint.every < 0 or cfg.log.every <= 0:
         p.append("eval.every and checkpoint.every must be >= 0, log.every > 0")
     if cfg.checkpoint.keep_last < 1:

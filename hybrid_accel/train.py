@@ -98,6 +98,14 @@ def _synthetic_root(cfg: Config) -> Path:
     return base / f"synth-{d.synthetic_kind}-{derive_seed(*key) % 16**10:010x}"
 
 
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or AdamW (``optim.name``); the learning rate is set per step."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
 def prepare_data(cfg: Config, accelerator: Any) -> Path:
     """The dataset folder: ``data.root``, or a synthetic set generated once (on the main process)."""
     from .data import make_synthetic_hybrid
@@ -297,8 +305,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         nets.append(net)
     params = [p for n in nets for p in n.parameters()]
-    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     eval_loaders = {}
     for split in ("val", "test"):
         if len(ds[split]):

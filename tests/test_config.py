@@ -66,6 +66,8 @@ def test_type_errors():
         ("dii.tau=-5", "dii.tau"),
         ("method.lambda_=-1", "method.lambda_"),
         ("method.paste=mixup", "method.paste"),
+        ("optim.name=adam", "optim.name"),
+        ("optim.momentum=1", "optim.momentum"),
         ("dii.clip=[1,0]", "dii.clip"),
         ("train.batch_size=0", "train.batch_size"),
         ("data.train_on=strong", "method.dii needs strong and weak"),
@@ -108,3 +110,17 @@ def test_bare_no_reads_as_the_string_no():
     # YAML 1.1 parses a bare `no` as False; string options such as train.mixed_precision take it as "no"
     cfg = load_config(None, ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+def test_optimizer_choice():
+    import torch
+
+    from hybrid_accel.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = make_optimizer(params, load_config(None, ["optim.lr=0.02", "optim.momentum=0.8"]))
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.8 and sgd.defaults["lr"] == 0.02
+    adamw = make_optimizer(params, load_config(None, ["optim.name=adamw", "optim.lr=1e-3", "optim.momentum=0.85",
+                                                      "optim.weight_decay=0.01"]))
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.85, 0.999)
+    assert adamw.defaults["lr"] == 1e-3 and adamw.defaults["weight_decay"] == 0.01
