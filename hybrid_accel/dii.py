@@ -270,6 +270,11 @@ class DIIUpdater:
             "dii/gamma_mean": float(self.gamma.gamma.mean()),
             "dii/gamma_std": float(self.gamma.gamma.std()) if self.gamma.n > 1 else 0.0,
             "dii/g_s_norm": float(torch.sqrt((ref[0] ** 2).sum() + (ref[1] ** 2).sum())),
+            # g_S's bias part is mean(p - onehot) per class: summed over the foreground classes it is
+            # the predicted minus the true foreground fraction on the strong set (class 0 = background).
+            # Positive (the network over-predicts foreground) makes an all-background weak mask score
+            # positive whatever its quality: see benchmarks/RESULTS.md, section 5, diagnostics.
+            "dii/strong_fg_excess": float(ref[1][1:].sum()),
             "dii/seconds_strong": t1 - t0,
             "dii/seconds_scan": t2 - t1,
             "dii/scanned": int(len(ranks)),

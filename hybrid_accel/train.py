@@ -594,7 +594,8 @@ def _log_gamma(accelerator: Any, gamma: GammaState, stats: dict, step: int, trac
     rho = stats.get("dii/spearman_quality")
     _say(accelerator, 
         f"step {step}: gamma update, mean {stats['dii/gamma_mean']:.3f} std {stats['dii/gamma_std']:.3f}, "
-        f"{100 * stats['dii/score_pos_frac']:.0f}% positive scores"
+        f"{100 * stats['dii/score_pos_frac']:.0f}% positive scores, "
+        f"strong-set foreground excess {stats['dii/strong_fg_excess']:+.3f}"
         + (f", Spearman(gamma, true IoU) {rho:.3f}" if rho is not None else "")
         + f" ({stats['dii/seconds_strong'] + stats['dii/seconds_scan']:.1f} s)"
     )

@@ -141,6 +141,39 @@ def test_updater_scan_subset_and_strong_batches():
     assert up.strong_set(5, world=2) == [0, 1, 2]
 
 
+def test_update_reports_the_strong_sets_foreground_excess():
+    # dii/strong_fg_excess = mean over strong images of (predicted - true) foreground fraction,
+    # from g_S's bias part; its sign tells whether all-background weak masks will score positive.
+    torch.manual_seed(3)
+    net = FeatNet(4, 3)
+    x = torch.randn(5, 4, 6, 6)
+    y = torch.randint(0, 3, (5, 6, 6))
+    y[1, :, :3] = 255  # ignored pixels count in neither fraction
+    strong, weak = np.array([0, 1, 2]), np.array([3, 4])
+    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=2)
+    up = DIIUpdater(GammaState(2), _items(x, y), strong, weak, cfg, seed=0)
+    stats = up.update(net, _acc(), step=10)
+    with torch.no_grad():
+        p = net(x).softmax(1)
+    want = []
+    for k in strong:
+        valid = y[k] != 255
+        pred = p[k, 1:][:, valid].sum(0).mean()
+        true = ((y[k][valid] >= 1).float()).mean()
+        want.append(float(pred - true))
+    assert stats["dii/strong_fg_excess"] == pytest.approx(np.mean(want), abs=1e-5)
+    # an over-predicting network: every all-background weak mask then scores positive
+    nn.init.zeros_(net.classifier.weight)
+    with torch.no_grad():
+        net.classifier.bias.copy_(torch.tensor([-2.0, 1.0, 1.0]))
+    y_bg = y.clone()
+    y_bg[3:] = 0
+    up = DIIUpdater(GammaState(2), _items(x, y_bg), strong, weak, cfg, seed=0)
+    stats = up.update(net, _acc(), step=10)
+    assert stats["dii/strong_fg_excess"] > 0.2
+    assert stats["dii/score_pos_frac"] == 1.0 and torch.all(up.gamma.gamma > 0.5)
+
+
 def test_sampler_is_stateless_and_weighted():
     w = hybrid_weights(np.array([0, 1, 1, 1]), np.array([-1, 0, 1, 2]), torch.tensor([0.0, 1.0, 0.0]))
     assert w.tolist() == [1.0, 0.0, 1.0, 0.0]
