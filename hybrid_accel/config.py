@@ -116,6 +116,7 @@ class DIIConfig:
     init: float = 0.5  # initial gamma of every weak image (paper: 0.5)
     warmup: int = 0  # no gamma update before this step (the authors' code: 400)
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
+    score: str = "paper"  # paper: <g_k, g_S> | centred: classifier gradients about the strong set's mean feature, no bias (not in the paper)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
     scan_batch_size: int = 64  # images per forward pass in the strong pass and the weak scan (per process)
@@ -384,6 +385,7 @@ _CHOICES = {
     "method.paste": ("foreground", "cutmix"),
     "method.pseudo_loss": ("ce", "kl"),
     "dii.scan": ("all", "subset"),
+    "dii.score": ("paper", "centred"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
     "eval.test_on": ("best", "last"),
     "log.tracking": ("wandb", "none"),

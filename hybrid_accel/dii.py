@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import ops
 from .sampling import make_generator
 
-__all__ = ["GammaState", "reference_grad", "weak_scores", "DIIUpdater", "due"]
+__all__ = ["GammaState", "reference_grad", "centred_reference", "weak_scores", "DIIUpdater", "due"]
 
 
 def due(step: int, tau: int, warmup: int) -> bool:
@@ -131,14 +131,19 @@ def reference_grad(
     ignore_index: int = 255,
     autocast=contextlib.nullcontext,
     num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    feature_mean: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """``g_S`` = gradient of the mean loss over the strong images ``indices`` (global list) w.r.t. the
-    classifier (weight [C, F], bias [C]), fp32, identical on every process."""
+    classifier (weight [C, F], bias [C]), fp32, identical on every process.
+
+    With ``feature_mean`` also returns the classifier input averaged over the strong images' pixels
+    ([F]; each image's spatial mean, averaged over images), for :func:`centred_reference`."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     cls = model.classifier
     gW = torch.zeros(cls.weight.shape[:2], dtype=torch.float32, device=device)
     gb = torch.zeros(cls.weight.shape[0], dtype=torch.float32, device=device)
+    hsum = torch.zeros(cls.weight.shape[1], dtype=torch.float32, device=device)
     local = list(indices)[rank::world]
     if local:
         for batch in _loader(dataset, local, batch_size, num_workers):
@@ -149,11 +154,30 @@ def reference_grad(
             n = x.shape[0]  # classifier_grad averages over its batch: back to a sum
             gW += w.float() * n
             gb += b.float() * n
+            if feature_mean:
+                hsum += out.feats.float().mean((2, 3)).sum(0)
     if world > 1:
         gW = accelerator.reduce(gW, reduction="sum")
         gb = accelerator.reduce(gb, reduction="sum")
+        if feature_mean:
+            hsum = accelerator.reduce(hsum, reduction="sum")
     total = max(1, len(indices))
+    if feature_mean:
+        return gW / total, gb / total, hsum / total
     return gW / total, gb / total
+
+
+def centred_reference(gW: torch.Tensor, gb: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference ``(A, -A c)`` that makes :func:`weak_scores` return the centred score.
+
+    ``dii.score=centred`` (not in the paper): the classifier gradients are taken about a feature
+    centre ``c`` and without the bias, ``G^c = sum_p delta[:, p] (h[:, p] - c)^T = G - g_b c^T``, and
+    ``s_k = <G_k^c, G_S^c>``. With ``A = G_S^c``, ``sum_p delta_k[:, p] . (A h_k[:, p] - A c)`` equals
+    ``<A, G_k - g_b,k c^T>``, so the fused op computes it unchanged. Centring removes the part of
+    both gradients that only says "more (or less) of this class everywhere", which from random
+    weights dominates the paper's score (benchmarks/RESULTS.md, section 5)."""
+    A = gW - gb.unsqueeze(1) * c.to(gW).unsqueeze(0)
+    return A, -(A @ c.to(gW))
 
 
 @torch.no_grad()
@@ -254,8 +278,12 @@ class DIIUpdater:
         model.eval()
         try:
             strong = self.strong_set(step, accelerator.num_processes)
+            centred = getattr(self.cfg, "score", "paper") == "centred"
             ref = reference_grad(model, self.dataset, strong, accelerator, self.cfg.scan_batch_size,
-                                 self.ignore_index, autocast, self.num_workers)
+                                 self.ignore_index, autocast, self.num_workers, feature_mean=centred)
+            g_w, g_b = ref[0], ref[1]  # g_S, logged before any centring
+            if centred:
+                ref = centred_reference(*ref)
             t1 = time.perf_counter()
             ranks = self.scan_set(step)
             scores = weak_scores(model, self.dataset, self.weak_indices[ranks].tolist(), ref, accelerator,
@@ -269,12 +297,12 @@ class DIIUpdater:
             "dii/score_pos_frac": float((scores > 0).float().mean()) if scores.numel() else 0.0,
             "dii/gamma_mean": float(self.gamma.gamma.mean()),
             "dii/gamma_std": float(self.gamma.gamma.std()) if self.gamma.n > 1 else 0.0,
-            "dii/g_s_norm": float(torch.sqrt((ref[0] ** 2).sum() + (ref[1] ** 2).sum())),
+            "dii/g_s_norm": float(torch.sqrt((g_w ** 2).sum() + (g_b ** 2).sum())),
             # g_S's bias part is mean(p - onehot) per class: summed over the foreground classes it is
             # the predicted minus the true foreground fraction on the strong set (class 0 = background).
             # Positive (the network over-predicts foreground) makes an all-background weak mask score
             # positive whatever its quality: see benchmarks/RESULTS.md, section 5, diagnostics.
-            "dii/strong_fg_excess": float(ref[1][1:].sum()),
+            "dii/strong_fg_excess": float(g_b[1:].sum()),
             "dii/seconds_strong": t1 - t0,
             "dii/seconds_scan": t2 - t1,
             "dii/scanned": int(len(ranks)),

@@ -67,6 +67,7 @@ def test_type_errors():
         ("method.lambda_=-1", "method.lambda_"),
         ("method.paste=mixup", "method.paste"),
         ("optim.name=adam", "optim.name"),
+        ("dii.score=plain", "dii.score"),
         ("optim.momentum=1", "optim.momentum"),
         ("dii.clip=[1,0]", "dii.clip"),
         ("train.batch_size=0", "train.batch_size"),

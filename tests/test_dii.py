@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybrid_accel.dii import DIIUpdater, GammaState, due, reference_grad, weak_scores
+from hybrid_accel.dii import DIIUpdater, GammaState, centred_reference, due, reference_grad, weak_scores
 from hybrid_accel.model import SegOutput
 from hybrid_accel.sampling import StepSampler, hybrid_weights
 
@@ -84,6 +84,62 @@ def test_scores_match_explicit_per_sample_gradients():
     torch.testing.assert_close(torch.cat([gW.flatten(), gb]).double(), g_ref, rtol=1e-5, atol=1e-6)
     s = weak_scores(net, _items(x, y), weak, (gW.double(), gb.double()), _acc(), batch_size=2)
     torch.testing.assert_close(s.double(), G[weak] @ g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_centred_scores_match_explicit_centred_gradients():
+    # dii.score=centred: s_k = <G_k - g_b,k c^T, G_S - g_b,S c^T> (no bias term), c = the strong
+    # images' mean feature; computed by the same fused op through centred_reference.
+    torch.manual_seed(2)
+    B, F_, C, H = 7, 4, 3, 5
+    net = FeatNet(F_, C).double()
+    x = torch.randn(B, F_, H, H, dtype=torch.float64) + 1.5
+    y = torch.randint(0, C, (B, H, H))
+    y[4, 1:] = 255
+    strong, weak = [0, 1, 2], [3, 4, 5, 6]
+    G = _per_sample_grads(net, x, y)
+    Wg, bg = G[:, : C * F_].view(B, C, F_), G[:, C * F_:]
+    c = x[strong].mean((0, 2, 3))
+    Gc = Wg - bg.unsqueeze(2) * c.view(1, 1, F_)
+    want = (Gc[weak] * Gc[strong].mean(0)).sum((1, 2))
+    gW, gb, hbar = reference_grad(net, _items(x, y), strong, _acc(), batch_size=2, feature_mean=True)
+    torch.testing.assert_close(hbar.double(), c, rtol=1e-6, atol=1e-6)
+    ref = centred_reference(gW.double(), gb.double(), hbar.double())
+    s = weak_scores(net, _items(x, y), weak, ref, _acc(), batch_size=3)
+    torch.testing.assert_close(s.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def _overpredicting_case():
+    """A network that over-predicts foreground everywhere but ranks polyp pixels higher: feature 0
+    marks the polyp (the left 2 of 8 columns), feature 1 is constant. p(fg) = 0.6 on background, 0.8
+    on the polyp. Image 0 (strong) and 1 (weak, same polyp) are labelled exactly; image 2 is the
+    same image with its foreground dropped (all background)."""
+    net = FeatNet(2, 2)
+    logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
+    with torch.no_grad():
+        net.classifier.weight.zero_()
+        net.classifier.bias.zero_()
+        net.classifier.weight[1, 0] = logit(0.8) - logit(0.6)
+        net.classifier.weight[1, 1] = logit(0.6)
+    h = torch.zeros(3, 2, 4, 8)
+    h[:, 0, :, :2] = 1.0
+    h[:, 1] = 1.0
+    y = torch.zeros(3, 4, 8, dtype=torch.long)
+    y[:2, :, :2] = 1
+    return net, _items(h, y)
+
+
+@pytest.mark.parametrize("score, dropped_sign", [("paper", 1.0), ("centred", -1.0)])
+def test_dropped_annotation_on_an_overpredicting_network(score, dropped_sign):
+    # The paper's score rewards an all-background mask whenever the network over-predicts
+    # foreground (both gradients mostly say "less foreground everywhere"); the centred score
+    # compares what is left, "more foreground on polyp-like features", and penalises it.
+    net, items = _overpredicting_case()
+    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=4, score=score)
+    up = DIIUpdater(GammaState(2), items, np.array([0]), np.array([1, 2]), cfg, seed=0)
+    stats = up.update(net, _acc(), step=1)
+    assert stats["dii/strong_fg_excess"] == pytest.approx((0.6 * 24 + 0.8 * 8) / 32 - 8 / 32, abs=1e-5)
+    assert up.gamma.gamma[0] > 0.5  # the exact annotation agrees under both scores
+    assert (up.gamma.gamma[1] - 0.5) * dropped_sign > 0
 
 
 def test_gamma_adam_equals_torch_adam_and_clips():
