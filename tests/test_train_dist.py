@@ -48,11 +48,14 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def test_two_processes_match_one(tiny_data, tmp_path):
+@pytest.mark.parametrize("score", ["paper", "centred"])
+def test_two_processes_match_one(tiny_data, tmp_path, score):
     # With optim.lr=0 and frozen BatchNorm the networks never change, so gamma depends only on the
-    # DII computation: the sharded strong gradient and weak scan over 2 processes must give the
-    # one-process numbers (up to float summation order), while each rank draws its own samples.
+    # DII computation: the sharded strong gradient (and, centred, the strong feature mean) and weak
+    # scan over 2 processes must give the one-process numbers (up to float summation order), while
+    # each rank draws its own samples.
     args = FAST + [f"data.root={tiny_data}", f"out_dir={tmp_path}", "train.steps=6", "dii.tau=2", "optim.lr=0",
+                   f"dii.score={score}",
                    "model.freeze_bn=true", "debug.dump=true", "debug.check_gamma=true", "eval.every=3",
                    "checkpoint.every=3"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
