@@ -278,7 +278,7 @@ class DIIUpdater:
         model.eval()
         try:
             strong = self.strong_set(step, accelerator.num_processes)
-            centred = getattr(self.cfg, "score", "paper") == "centred"
+            centred = self.cfg.score == "centred"
             ref = reference_grad(model, self.dataset, strong, accelerator, self.cfg.scan_batch_size,
                                  self.ignore_index, autocast, self.num_workers, feature_mean=centred)
             g_w, g_b = ref[0], ref[1]  # g_S, logged before any centring

@@ -206,7 +206,7 @@ def test_update_reports_the_strong_sets_foreground_excess():
     y = torch.randint(0, 3, (5, 6, 6))
     y[1, :, :3] = 255  # ignored pixels count in neither fraction
     strong, weak = np.array([0, 1, 2]), np.array([3, 4])
-    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=2)
+    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=2, score="paper")
     up = DIIUpdater(GammaState(2), _items(x, y), strong, weak, cfg, seed=0)
     stats = up.update(net, _acc(), step=10)
     with torch.no_grad():
