@@ -4,7 +4,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config

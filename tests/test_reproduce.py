@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from hybrid_accel import reproduce as rp

@@ -3,7 +3,6 @@ images whose labels are inverted."""
 
 import numpy as np
 import pytest
-import torch
 
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
