@@ -59,6 +59,18 @@ def _read_gamma(run_dir: Path) -> tuple[np.ndarray, int | None]:
                             "(method.dii=true)?")
 
 
+def _run_norm(run_dir: Path, cfg: Any) -> tuple[list[float], list[float]]:
+    """The input normalisation of the run's networks: from an export, else the backbone's default."""
+    from .model import default_norm, read_exported_config
+
+    exports = sorted((run_dir / "export").glob("*.safetensors"))
+    if exports:
+        model_cfg = read_exported_config(exports[0])["model"]
+        if "mean" in model_cfg and "std" in model_cfg:
+            return list(model_cfg["mean"]), list(model_cfg["std"])
+    return default_norm(cfg.model.backbone)
+
+
 def load_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """What the audit needs from a run: its config, gamma, gamma history and the weak images."""
     import yaml
@@ -78,7 +90,8 @@ def load_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = N
     if not (root / "manifest.csv").is_file() and not root.is_file():
         raise FileNotFoundError(f"{root}: the run's dataset is not there; pass --data")
     d = cfg.data
-    common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index, augment=False)
+    mean, std = _run_norm(run_dir, cfg)
+    common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index, augment=False, mean=mean, std=std)
     if d.mask_mapping:
         common["mask_mapping"] = d.mask_mapping
     ds = HybridDataset(root, "train", ("strong", "weak"), **common)
@@ -127,12 +140,12 @@ def _panel_row(run: dict, k: int, pred: np.ndarray | None, label: str):
     """One PIL image: the input, the weak mask, the prediction and the exact mask (when known)."""
     from PIL import Image, ImageDraw
 
-    from .evaluate import IMAGENET_MEAN, IMAGENET_STD, _paint, _to_uint8_image
+    from .evaluate import _paint, _to_uint8_image
 
     ds, ignore = run["dataset"], run["cfg"].data.ignore_index
     i = int(ds.weak_indices[k])
     item = ds[i]
-    base = _to_uint8_image(item["image"], IMAGENET_MEAN, IMAGENET_STD)
+    base = _to_uint8_image(item["image"], ds.mean, ds.std)
     panels = [("image", base), ("weak mask", _paint(base, item["mask"].numpy(), ignore))]
     if pred is not None:
         panels.append(("prediction", _paint(base, pred, None)))

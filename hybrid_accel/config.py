@@ -73,7 +73,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any timm backbone with features_only (paper: resnet50)
-    pretrained: str | None = None  # local weight file for the backbone, "timm" to download, null = random init
+    pretrained: str | None = None  # imagenet (pip weights: tf_efficientnet_lite0/1/2) | a local weight file | timm (download) | null = random init
     output_stride: int = 16  # stride of the feature ASPP reads: 8, 16 or 32
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # ASPP dilation rates
     decoder_channels: int = 64  # width F of ASPP/decoder = classifier input channels (paper: 256)
@@ -93,6 +93,7 @@ class OptimConfig:
     power: float = 0.9  # exponent of the poly schedule
     warmup_steps: int = 0  # linear learning-rate warm-up steps before the schedule
     grad_clip: float | None = None  # clip the global gradient norm to this value; null = off
+    head_lr_mult: float = 1.0  # learning rate of ASPP, decoder and classifier relative to the encoder's (authors' code: 10)
 
 
 @dataclass
@@ -103,7 +104,9 @@ class MethodConfig:
     paste: str = "foreground"  # DCR mixing: foreground (paste a class region of x_i) | cutmix (random box)
     pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
     lambda_: float = 4.0  # weight of the DCR regularisation term (paper: 4)
-    lambda_warmup: int = 0  # ramp lambda linearly from 0 over this many steps (paper: none, 0)
+    lambda_warmup: int = 0  # ramp lambda linearly from 0 over this many steps after strong_warmup (paper: none, 0)
+    dcr_supervision: str = "split"  # split: net 1 learns x_i, net 2 x_j (Eq. 7) | both: each net learns both (authors' code)
+    strong_warmup: int = 0  # first steps on exact masks only (no weak image, no DCR term, no gamma update); 0 = off (paper)
 
 
 @dataclass
@@ -116,7 +119,8 @@ class DIIConfig:
     init: float = 0.5  # initial gamma of every weak image (paper: 0.5)
     warmup: int = 0  # no gamma update before this step (the authors' code: 400)
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
-    score: str = "paper"  # paper: <g_k, g_S> | centred: classifier gradients about the strong set's mean feature, no bias (not in the paper)
+    score: str = "paper"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature (not in the paper)
+    lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
     scan_batch_size: int = 64  # images per forward pass in the strong pass and the weak scan (per process)
@@ -385,7 +389,9 @@ _CHOICES = {
     "method.paste": ("foreground", "cutmix"),
     "method.pseudo_loss": ("ce", "kl"),
     "dii.scan": ("all", "subset"),
-    "dii.score": ("paper", "centred"),
+    "dii.score": ("paper", "weight", "centred"),
+    "dii.lr_schedule": ("constant", "poly"),
+    "method.dcr_supervision": ("split", "both"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
     "eval.test_on": ("best", "last"),
     "log.tracking": ("wandb", "none"),
@@ -409,6 +415,10 @@ def validate_config(cfg: Config) -> None:
         p.append(f"dii.tau={d.tau}: the gamma update interval must be a positive number of steps")
     if m.lambda_warmup < 0:
         p.append(f"method.lambda_warmup={m.lambda_warmup}: cannot be negative")
+    if m.strong_warmup < 0 or m.strong_warmup >= t.steps:
+        p.append(f"method.strong_warmup={m.strong_warmup}: must be in [0, train.steps={t.steps})")
+    if cfg.optim.head_lr_mult <= 0:
+        p.append(f"optim.head_lr_mult={cfg.optim.head_lr_mult}: must be positive")
     if m.lambda_ < 0:
         p.append(f"method.lambda_={m.lambda_}: the DCR regularisation weight cannot be negative")
     if d.lr <= 0:

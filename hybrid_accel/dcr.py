@@ -20,8 +20,13 @@ drawn per sample, ``ops._ref.paste_mask_ref`` + ``torch.where``); after the forw
 the CutMix ablation the box mask is drawn before the forward and the pseudo labels come from
 ``ops._ref.mix_with_mask_ref`` with that mask.
 
-Nothing warms lambda up: the paper trains with lambda = 4 from the first step and says nothing of
-a ramp, so neither do we.
+Supervision (``method.dcr_supervision``): ``split`` is Eq. 7 as written (network 1 learns ``x_i``,
+network 2 ``x_j``); ``both`` is the authors' code, each network learns both images,
+``w_i l1(x_i) + w_j l1(x_j)`` (and the same for network 2), averaged over the 2B images.
+
+The paper trains with lambda = 4 from the first step and no ramp; ``method.lambda_warmup`` ramps it
+linearly (default 0 = off), and ``method.strong_warmup`` trains both networks on the exact masks alone
+(:func:`warmup_loss`, no mixing) for a number of steps before weak images and this loss come in.
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ from . import ops
 from .losses import per_instance_ce, per_instance_kl, weighted_mean
 from .ops import _ref
 
-__all__ = ["Mix", "make_mix", "pseudo_labels", "dcr_loss", "dcr_forward", "single_loss"]
+__all__ = ["Mix", "make_mix", "pseudo_labels", "dcr_loss", "dcr_forward", "single_loss", "warmup_loss",
+           "SUPERVISION"]
+
+SUPERVISION = ("split", "both")
 
 
 class Mix(NamedTuple):
@@ -108,6 +116,7 @@ def dcr_loss(
     paste: str = "foreground",
     pseudo_loss: str = "ce",
     ignore_index: int = 255,
+    supervision: str = "split",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DCR loss from both networks' logits over ``cat[x_i, x_j, x_m]`` ([3B, C, H, W] each).
 
@@ -116,8 +125,9 @@ def dcr_loss(
     B = y_i.shape[0]
     o1_i, o1_j, o1_m = out1.split(B)
     o2_i, o2_j, o2_m = out2.split(B)
-    l1 = per_instance_ce(o1_i, y_i, ignore_index)
-    l2 = per_instance_ce(o2_j, y_j, ignore_index)
+    sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
+    w_i = w_i.to(sup1)
+    w_j = w_j.to(sup1)
     if pseudo_loss == "ce":
         y1m, y2m = pseudo_labels(mix, x_i, x_j, y_i, o1_i, o1_j, o2_i, o2_j, paste)
         r1 = per_instance_ce(o1_m, y2m, ignore_index)  # network 1 learns network 2's pseudo mask
@@ -128,14 +138,51 @@ def dcr_loss(
     else:
         raise ValueError(f"pseudo_loss must be ce or kl, got {pseudo_loss!r}")
     r = r1 + r2
-    w_i = w_i.to(l1)
-    w_j = w_j.to(l1)
-    sup = weighted_mean(l1, w_i) + weighted_mean(l2, w_j)
     reg = weighted_mean(r, (w_i + w_j) / 2)
-    loss = sup + lambda_ * reg
-    parts = {"loss/sup1": weighted_mean(l1, w_i).detach(), "loss/sup2": weighted_mean(l2, w_j).detach(),
-             "loss/reg": reg.detach(), "loss/total": loss.detach()}
+    loss = sup1 + sup2 + lambda_ * reg
+    parts = {"loss/sup1": sup1.detach(), "loss/sup2": sup2.detach(), "loss/reg": reg.detach(),
+             "loss/total": loss.detach()}
     return loss, parts
+
+
+def _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision: str, ignore_index: int):
+    """Weighted supervised losses of networks 1 and 2 (``o2_i``/``o1_j`` unused under ``split``)."""
+    if supervision == "split":
+        return (weighted_mean(per_instance_ce(o1_i, y_i, ignore_index), w_i),
+                weighted_mean(per_instance_ce(o2_j, y_j, ignore_index), w_j))
+    if supervision != "both":
+        raise ValueError(f"supervision must be one of {SUPERVISION}, got {supervision!r}")
+    y, w = torch.cat([y_i, y_j]), torch.cat([w_i, w_j])
+    return (weighted_mean(per_instance_ce(torch.cat([o1_i, o1_j]), y, ignore_index), w),
+            weighted_mean(per_instance_ce(torch.cat([o2_i, o2_j]), y, ignore_index), w))
+
+
+def warmup_loss(
+    net1: Any,
+    net2: Any,
+    x_i: torch.Tensor,
+    x_j: torch.Tensor,
+    y_i: torch.Tensor,
+    y_j: torch.Tensor,
+    w_i: torch.Tensor,
+    w_j: torch.Tensor,
+    supervision: str = "split",
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The supervised part of :func:`dcr_loss` alone, without the mixed image (``method.strong_warmup``).
+
+    Under ``split`` each network sees only its own batch (2B image passes in all, not 6B)."""
+    B = y_i.shape[0]
+    if supervision == "split":
+        o1_i, o2_j = net1(x_i), net2(x_j)
+        o1_j = o2_i = None
+    else:
+        x = torch.cat([x_i, x_j])
+        o1_i, o1_j = net1(x).split(B)
+        o2_i, o2_j = net2(x).split(B)
+    sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
+    loss = sup1 + sup2
+    return loss, {"loss/sup1": sup1.detach(), "loss/sup2": sup2.detach(), "loss/total": loss.detach()}
 
 
 def single_loss(

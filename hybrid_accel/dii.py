@@ -75,8 +75,11 @@ class GammaState:
         return w
 
     @torch.no_grad()
-    def step(self, index: torch.Tensor, hypergrad: torch.Tensor) -> None:
-        """One Adam step (descent on ``hypergrad``) on the entries ``index``, then clip."""
+    def step(self, index: torch.Tensor, hypergrad: torch.Tensor, lr_scale: float = 1.0) -> None:
+        """One Adam step (descent on ``hypergrad``) on the entries ``index``, then clip.
+
+        ``lr_scale`` multiplies the learning rate of this step (``dii.lr_schedule=poly``: the
+        network's schedule factor, as the authors' code decays gamma's rate with the network's)."""
         idx = torch.as_tensor(index).long().cpu()
         g = torch.as_tensor(hypergrad, dtype=torch.float32).cpu()
         b1, b2 = self.betas
@@ -85,7 +88,7 @@ class GammaState:
         t = self.steps[idx] + 1
         bc1 = 1 - b1 ** t.double()
         bc2 = 1 - b2 ** t.double()
-        step_size = (self.lr / bc1).float()
+        step_size = (self.lr * float(lr_scale) / bc1).float()
         denom = (v.sqrt() / bc2.sqrt().float()).add_(self.eps)
         p = self.gamma[idx] - step_size * m / denom
         self.exp_avg[idx], self.exp_avg_sq[idx], self.steps[idx] = m, v, t
@@ -272,7 +275,9 @@ class DIIUpdater:
         g = make_generator(self.seed, "dii-scan", step)
         return np.sort(torch.randperm(n, generator=g)[: self.cfg.scan_size].numpy())
 
-    def update(self, model: nn.Module, accelerator: Any, step: int, autocast=contextlib.nullcontext) -> dict:
+    def update(
+        self, model: nn.Module, accelerator: Any, step: int, autocast=contextlib.nullcontext, lr_scale: float = 1.0
+    ) -> dict:
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -284,6 +289,8 @@ class DIIUpdater:
             g_w, g_b = ref[0], ref[1]  # g_S, logged before any centring
             if centred:
                 ref = centred_reference(*ref)
+            elif self.cfg.score == "weight":  # the authors' code: the classifier weight's gradient only
+                ref = (g_w, torch.zeros_like(g_b))
             t1 = time.perf_counter()
             ranks = self.scan_set(step)
             scores = weak_scores(model, self.dataset, self.weak_indices[ranks].tolist(), ref, accelerator,
@@ -291,7 +298,7 @@ class DIIUpdater:
         finally:
             model.train(was_training)
         t2 = time.perf_counter()
-        self.gamma.step(torch.as_tensor(ranks), -scores)  # hypergradient = -s_k
+        self.gamma.step(torch.as_tensor(ranks), -scores, lr_scale)  # hypergradient = -s_k
         return {
             "dii/score_mean": float(scores.mean()) if scores.numel() else 0.0,
             "dii/score_pos_frac": float((scores > 0).float().mean()) if scores.numel() else 0.0,
@@ -306,4 +313,5 @@ class DIIUpdater:
             "dii/seconds_strong": t1 - t0,
             "dii/seconds_scan": t2 - t1,
             "dii/scanned": int(len(ranks)),
+            "dii/lr": self.gamma.lr * float(lr_scale),
         }

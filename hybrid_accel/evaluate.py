@@ -229,8 +229,8 @@ def evaluate(
     n_overlays: int = 0,
     autocast: bool = True,
     class_names: Sequence[str] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict:
     """Evaluate ``models`` (and their ensemble when there are several) on ``loader``.
 
@@ -266,6 +266,9 @@ def evaluate(
         loader = accelerator.prepare(loader)
     dataset = getattr(loader, "dataset", None)
     n_total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    # overlays undo the normalisation the images were loaded with (HybridDataset.mean/std)
+    mean = mean if mean is not None else getattr(dataset, "mean", IMAGENET_MEAN)
+    std = std if std is not None else getattr(dataset, "std", IMAGENET_STD)
     overlay_ids: set[int] = set()
     overlay_dir = None
     if out_dir is not None and n_overlays > 0 and n_total:
@@ -390,12 +393,25 @@ def _dataset_class_names(dataset: Any) -> list[str] | None:
     return list(names) if names else None
 
 
+def eval_dataset(models: Mapping[str, nn.Module], data: str | os.PathLike, split: str, image_size: Sequence[int]):
+    """The ``split`` of the dataset at ``data`` (exact masks), scaled as the networks expect
+    (:func:`hybrid_accel.model.input_norm`, stored in their export or checkpoint)."""
+    from .data import HybridDataset  # imported here: only the command line needs it
+    from .model import input_norm
+
+    norms = {name: input_norm(m) for name, m in models.items()}
+    mean, std = next(iter(norms.values()))
+    if any(n != (mean, std) for n in norms.values()):
+        raise SystemExit(f"the networks expect different input normalisations ({norms}); evaluate them separately")
+    return HybridDataset(data, split=split, image_size=tuple(image_size), augment=False, use_true_masks=True,
+                         mean=mean, std=std)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from .data import HybridDataset  # imported here: only the command line needs it
 
     accelerator = Accelerator()
     models: dict[str, nn.Module] = {}
@@ -415,8 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--image-size is required (the model file does not record one)")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    dataset = HybridDataset(args.data, split=args.split, image_size=tuple(image_size), augment=False,
-                            use_true_masks=True)
+    dataset = eval_dataset(models, args.data, args.split, tuple(image_size))
     for name, m in models.items():
         if m.num_classes != dataset.num_classes:
             raise SystemExit(f"network {name!r} predicts {m.num_classes} classes, the dataset has {dataset.num_classes}")

@@ -11,7 +11,12 @@ The network (DESIGN.md section 5)::
 consumed and produced them: the DII hypergradient (DESIGN.md section 2) is computed from these two
 tensors, so nothing (no dropout, no normalisation) sits between them and the classifier.
 
-Nothing is ever downloaded unless ``pretrained="timm"`` asks for it explicitly.
+Nothing is ever downloaded unless ``pretrained="timm"`` asks for it explicitly;
+``pretrained="imagenet"`` reads ImageNet weights that a pip package installed (hybrid_accel.weights).
+
+Input normalisation: every model records the mean and std its encoder expects (timm's
+``pretrained_cfg`` for the backbone unless given) in its config; :func:`input_norm` reads them, and
+the trainer, ``evaluate`` and ``audit`` scale images with them. An export carries them.
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ __all__ = [
     "load_exported",
     "read_exported_config",
     "unwrap_model",
+    "input_norm",
+    "default_norm",
 ]
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIG_KEY = "hybrid_accel_config"  # safetensors metadata key holding the JSON config
 _RUNTIME_OPTIONS = ("pretrained", "channels_last", "compile")  # not part of the stored architecture
 
@@ -334,6 +343,8 @@ def build_model(
     aspp_dropout: float = 0.1,
     channels_last: bool = False,
     compile: bool | Mapping[str, Any] = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> DeepLabV3Plus:
     """Build DeepLabv3+ on a timm backbone.
 
@@ -347,14 +358,18 @@ def build_model(
         decoder_channels: width F of ASPP and decoder; ``feats`` has F channels.
         pretrained: ``None`` (random init); a local file with backbone weights (safetensors or a
             torch state dict, timm classification checkpoints included) or with a whole-model
-            state dict (for example an exported model); or ``"timm"`` to let timm fetch its
-            published weights (needs network access).
+            state dict (for example an exported model); ``"imagenet"`` for the ImageNet weights
+            that pip packages ship (``tf_efficientnet_lite0/1/2``, see hybrid_accel.weights); or
+            ``"timm"`` to let timm fetch its published weights (needs network access).
         in_chans: input channels.
         low_level_channels: width of the projected stride-4 feature.
         aspp_dropout: dropout after the ASPP projection (training only; before the decoder).
         channels_last: keep weights and activations in channels-last memory format.
         compile: ``True`` or a dict of ``torch.compile`` keyword arguments compiles the forward
             in place (``nn.Module.compile``), so state-dict keys stay unchanged.
+        mean, std: the per-channel input normalisation the network expects (on [0, 1] images);
+            ``None`` = the backbone's pretrained configuration in timm (ImageNet's where timm has none).
+            Stored in the config (and so in an export); read it back with :func:`input_norm`.
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -377,6 +392,11 @@ def build_model(
             f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
             "Pass a local weight file instead: pretrained='/path/to/model.safetensors'."
         ) from e
+    d_mean, d_std = default_norm(backbone)
+    mean = [float(v) for v in (d_mean if mean is None else mean)]
+    std = [float(v) for v in (d_std if std is None else std)]
+    if len(mean) != in_chans or len(std) != in_chans or min(std) <= 0:
+        raise ValueError(f"input normalisation mean={mean} std={std}: need {in_chans} values each, std > 0")
     config = dict(
         backbone=backbone,
         num_classes=int(num_classes),
@@ -386,6 +406,8 @@ def build_model(
         in_chans=int(in_chans),
         low_level_channels=int(low_level_channels),
         aspp_dropout=float(aspp_dropout),
+        mean=mean,
+        std=std,
     )
     model = DeepLabV3Plus(
         encoder,
@@ -396,6 +418,10 @@ def build_model(
         aspp_dropout=aspp_dropout,
         config=config,
     )
+    if isinstance(pretrained, str) and pretrained == "imagenet":
+        from .weights import imagenet_weights
+
+        pretrained = imagenet_weights(backbone)
     if pretrained is not None and not from_timm:
         sd = read_state_dict(pretrained)
         if _is_whole_model(sd):
@@ -408,6 +434,26 @@ def build_model(
     if compile:
         model.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
     return model
+
+
+def default_norm(backbone: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of ``backbone``'s default pretrained configuration in timm; ImageNet's if it has none."""
+    try:
+        cfg = timm.get_pretrained_cfg(backbone)
+    except Exception:  # an unknown name: build_model reports it
+        cfg = None
+    mean = getattr(cfg, "mean", None) or IMAGENET_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_STD
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def input_norm(model: nn.Module) -> tuple[list[float], list[float]]:
+    """(mean, std) that inputs of ``model`` are normalised with; models exported before this was
+    recorded get their backbone's default."""
+    cfg = unwrap_model(model).config
+    if "mean" in cfg and "std" in cfg:
+        return list(cfg["mean"]), list(cfg["std"])
+    return default_norm(cfg.get("backbone", ""))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
-from .dcr import dcr_forward, dcr_loss, make_mix, single_loss
+from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
 from .dii import DIIUpdater, GammaState, due
 from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
 
@@ -98,12 +98,22 @@ def _synthetic_root(cfg: Config) -> Path:
     return base / f"synth-{d.synthetic_kind}-{derive_seed(*key) % 16**10:010x}"
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's) or AdamW (``optim.name``); the learning rate is set per step."""
+def param_groups(nets: Sequence[nn.Module], head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """Two groups: every network's encoder (``lr_mult`` 1) and the rest, ASPP, decoder and
+    classifier (``lr_mult`` = ``optim.head_lr_mult``; the authors' code trains them at 10x)."""
+    enc = [p for n in nets for name, p in n.named_parameters() if name.startswith("encoder.")]
+    head = [p for n in nets for name, p in n.named_parameters() if not name.startswith("encoder.")]
+    return [{"params": enc, "lr_mult": 1.0}, {"params": head, "lr_mult": float(head_lr_mult)}]
+
+
+def make_optimizer(nets: Sequence[nn.Module], cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or AdamW (``optim.name``) over :func:`param_groups`; the
+    learning rate is set per step (times each group's ``lr_mult``)."""
     o = cfg.optim
+    groups = param_groups(nets, o.head_lr_mult)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def prepare_data(cfg: Config, accelerator: Any) -> Path:
@@ -133,10 +143,14 @@ def prepare_data(cfg: Config, accelerator: Any) -> Path:
 
 def build_datasets(cfg: Config, root: Path) -> dict[str, Any]:
     from .data import HybridDataset
+    from .model import default_norm
 
     d = cfg.data
     kinds = {"hybrid": ("strong", "weak"), "strong": ("strong",), "weak": ("weak",), "full": ("strong", "weak")}[d.train_on]
-    common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index)
+    # every image that enters a network is scaled as the encoder's pretrained weights expect
+    # (build_model records the same default in the model's config, and so in its export)
+    mean, std = default_norm(cfg.model.backbone)
+    common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index, mean=mean, std=std)
     if d.mask_mapping:
         common["mask_mapping"] = d.mask_mapping
     out = {
@@ -158,6 +172,8 @@ def check_against_data(cfg: Config, train_ds: Any) -> None:
         p.append(f"data.train_on={cfg.data.train_on!r}: {where} has no image of that kind")
     if cfg.method.dii and ns == 0:
         p.append(f"method.dii needs strong images for its reference gradient; {where} has none")
+    if cfg.method.strong_warmup and ns == 0:
+        p.append(f"method.strong_warmup needs strong images; {where} has none")
     if cfg.method.dii and nw == 0:
         p.append(f"method.dii needs weak images to weigh; {where} has none")
     if n and cfg.train.batch_size > n:
@@ -305,7 +321,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         nets.append(net)
     params = [p for n in nets for p in n.parameters()]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(nets, cfg)
     eval_loaders = {}
     for split in ("val", "test"):
         if len(ds[split]):
@@ -350,13 +366,19 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     B, accum, steps = cfg.train.batch_size, cfg.train.grad_accum, cfg.train.steps
     keyed = KeyedDataset(train_ds)
 
+    warmup = cfg.method.strong_warmup
+    strong_only = (train_ds.kinds == 0).astype(np.float64)  # the samplers' weights during strong_warmup
+
     def primary_loader(step: int):
-        w = hybrid_weights(train_ds.kinds, weak_rank, gamma.gamma) if cfg.method.dii_sampling else None
+        if step < warmup:
+            w = strong_only
+        else:
+            w = hybrid_weights(train_ds.kinds, weak_rank, gamma.gamma) if cfg.method.dii_sampling else None
         s = StepSampler(len(train_ds), B, cfg.seed, "primary", rank, weights=w)
         return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
 
     def aux_loader(step: int):
-        s = StepSampler(len(train_ds), B, cfg.seed, "auxiliary", rank)
+        s = StepSampler(len(train_ds), B, cfg.seed, "auxiliary", rank, weights=strong_only if step < warmup else None)
         return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
 
     it_p = primary_loader(start)
@@ -378,11 +400,14 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                         class_names=class_names)
 
     track_name = cfg.eval.model if cfg.eval.model != "auto" else ("ensemble" if n_nets == 2 else "net")
-    passes_per_step = (3 * B if cfg.method.dcr else B) * n_nets * accum
+    # image passes through a network per optimiser step, for the throughput log
+    passes_dcr = (3 * B if cfg.method.dcr else B) * n_nets * accum
+    passes_warm = (B if cfg.method.dcr_supervision == "split" or not cfg.method.dcr else 2 * B) * n_nets * accum
+    passes = 0
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not (accelerator.is_main_process and cfg.log.progress))
     meter = _Meter()
-    t_log, step_log = time.perf_counter(), start
+    t_log = time.perf_counter()
     step = start
     stopped = False
     try:
@@ -392,7 +417,8 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
             torch.manual_seed(derive_seed(cfg.seed, "step", rank, step))
             lr = cfg.optim.lr * lr_factor(step, cfg)
             for gr in optimizer.param_groups:
-                gr["lr"] = lr
+                gr["lr"] = lr * gr["lr_mult"]
+            warming = step < warmup
             for micro in range(accum):
                 bp = next(it_p)
                 if cfg.debug.dump and step < 4:
@@ -406,13 +432,18 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                         x_j = ba["image"].to(device, non_blocking=True)
                         y_j = ba["mask"].to(device, non_blocking=True)
                         w_j = (gamma.weights(ba["weak_index"]) if gamma is not None else torch.ones(len(x_j))).to(device)
-                        mix = make_mix(x_i, x_j, y_i, num_classes, cfg.method.paste, ignore,
-                                       make_generator(cfg.seed, "paste", rank, step, micro))
-                        out1, out2 = dcr_forward(nets[0], nets[1], x_i, x_j, mix)
-                        lam = cfg.method.lambda_ * (min(1.0, step / cfg.method.lambda_warmup)
-                                                    if cfg.method.lambda_warmup else 1.0)
-                        loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam,
-                                               cfg.method.paste, cfg.method.pseudo_loss, ignore)
+                        if warming:
+                            loss, parts = warmup_loss(nets[0], nets[1], x_i, x_j, y_i, y_j, w_i, w_j,
+                                                      cfg.method.dcr_supervision, ignore)
+                        else:
+                            mix = make_mix(x_i, x_j, y_i, num_classes, cfg.method.paste, ignore,
+                                           make_generator(cfg.seed, "paste", rank, step, micro))
+                            out1, out2 = dcr_forward(nets[0], nets[1], x_i, x_j, mix)
+                            ramp = cfg.method.lambda_warmup
+                            lam = cfg.method.lambda_ * (min(1.0, (step - warmup) / ramp) if ramp else 1.0)
+                            loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam,
+                                                   cfg.method.paste, cfg.method.pseudo_loss, ignore,
+                                                   cfg.method.dcr_supervision)
                     else:
                         loss, parts = single_loss(nets[0](x_i), y_i, w_i, ignore)
                     if step + 1 == cfg.debug.nan_at_step:
@@ -433,20 +464,23 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.add(parts)
+            passes += passes_warm if warming else passes_dcr
             step += 1
             bar.update(1)
 
             if step % cfg.log.every == 0 or step == steps:
                 vals = meter.read()
                 dt = time.perf_counter() - t_log
-                ips = passes_per_step * (step - step_log) * world / max(dt, 1e-9)
-                t_log, step_log = time.perf_counter(), step
+                ips = passes * world / max(dt, 1e-9)
+                t_log, passes = time.perf_counter(), 0
                 vals.update({"lr": lr, "throughput/image_passes_per_s": ips})
                 accelerator.log(vals, step=step)
                 bar.set_postfix(loss=f"{vals.get('loss/total', float('nan')):.4f}", ips=f"{ips:.0f}")
 
-            if updater is not None and due(step, cfg.dii.tau, cfg.dii.warmup):
-                stats = updater.update(raw[0], accelerator, step, accelerator.autocast)
+            # with strong_warmup, weak images enter with a first gamma update behind them
+            if updater is not None and (due(step, cfg.dii.tau, max(cfg.dii.warmup, warmup)) or (warmup and step == warmup)):
+                gamma_lr = lr_factor(step, cfg) if cfg.dii.lr_schedule == "poly" else 1.0
+                stats = updater.update(raw[0], accelerator, step, accelerator.autocast, gamma_lr)
                 if cfg.debug.check_gamma and world > 1:
                     cs = torch.tensor([gamma.checksum()], dtype=torch.float64, device=device)
                     allcs = accelerator.gather(cs).cpu()
@@ -459,6 +493,11 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                     _append_gamma_history(run_dir / "gamma_history.npz", step, gamma.gamma)
                 if cfg.method.dii_sampling:
                     it_p = primary_loader(step)  # the primary sampler sees the new gamma from this step on
+            if warmup and step == warmup:  # the end of the warm-up: weak images come in
+                if not (updater is not None and cfg.method.dii_sampling):
+                    it_p = primary_loader(step)
+                it_a = aux_loader(step) if cfg.method.dcr else None
+                _say(accelerator, f"step {step}: end of the strong warm-up, weak images and the DCR term come in")
 
             if "val" in eval_loaders and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
                 best, best_step = _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step,

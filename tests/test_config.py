@@ -118,10 +118,28 @@ def test_optimizer_choice():
 
     from hybrid_accel.train import make_optimizer
 
-    params = [torch.nn.Parameter(torch.zeros(3))]
-    sgd = make_optimizer(params, load_config(None, ["optim.lr=0.02", "optim.momentum=0.8"]))
+    nets = [torch.nn.Linear(3, 1)]
+    sgd = make_optimizer(nets, load_config(None, ["optim.lr=0.02", "optim.momentum=0.8"]))
     assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.8 and sgd.defaults["lr"] == 0.02
-    adamw = make_optimizer(params, load_config(None, ["optim.name=adamw", "optim.lr=1e-3", "optim.momentum=0.85",
-                                                      "optim.weight_decay=0.01"]))
+    adamw = make_optimizer(nets, load_config(None, ["optim.name=adamw", "optim.lr=1e-3", "optim.momentum=0.85",
+                                                    "optim.weight_decay=0.01"]))
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.85, 0.999)
     assert adamw.defaults["lr"] == 1e-3 and adamw.defaults["weight_decay"] == 0.01
+
+
+def test_head_lr_mult_groups_encoder_apart_from_the_rest():
+    import torch
+
+    from hybrid_accel.model import build_model
+    from hybrid_accel.train import make_optimizer
+
+    nets = [build_model("resnet18", 2, decoder_channels=16) for _ in range(2)]
+    opt = make_optimizer(nets, load_config(None, ["optim.head_lr_mult=10"]))
+    enc, head = opt.param_groups
+    assert (enc["lr_mult"], head["lr_mult"]) == (1.0, 10.0)
+    enc_ids = {id(p) for n in nets for p in n.encoder.parameters()}
+    assert {id(p) for p in enc["params"]} == enc_ids
+    rest = {id(p) for n in nets for p in n.parameters()} - enc_ids
+    assert {id(p) for p in head["params"]} == rest and id(nets[1].classifier.weight) in rest
+    with pytest.raises(ConfigError, match="head_lr_mult"):
+        validate_config(load_config(None, ["optim.head_lr_mult=0"]))

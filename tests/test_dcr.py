@@ -3,7 +3,7 @@
 import torch
 
 from hybrid_accel import ops
-from hybrid_accel.dcr import dcr_forward, dcr_loss, make_mix, pseudo_labels, single_loss
+from hybrid_accel.dcr import dcr_forward, dcr_loss, make_mix, pseudo_labels, single_loss, warmup_loss
 from hybrid_accel.losses import per_instance_ce, per_instance_kl
 
 
@@ -123,3 +123,48 @@ def test_single_loss_and_dcr_forward_shapes():
     assert a.shape == b.shape == (6, 2, 8, 8)
     loss, _ = single_loss(a[:2], y_i, torch.tensor([1.0, 0.5]))
     torch.testing.assert_close(loss, (per_instance_ce(a[:2], y_i) * torch.tensor([1.0, 0.5])).mean())
+
+
+def test_both_supervision_trains_each_network_on_both_images():
+    # method.dcr_supervision=both (the authors' code): w_i l(x_i) + w_j l(x_j) for each network,
+    # averaged over the 2B images; the regularisation term is unchanged.
+    C, B = 3, 4
+    x_i, x_j, y_i, y_j = _batch(B=B, C=C, seed=5)
+    mix = make_mix(x_i, x_j, y_i, C, "foreground", generator=torch.Generator().manual_seed(3))
+    out1 = torch.randn(3 * B, C, 8, 8, requires_grad=True)
+    out2 = torch.randn(3 * B, C, 8, 8, requires_grad=True)
+    w_i = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    w_j = torch.tensor([0.25, 1.0, 1.0, 0.75])
+    loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision="both")
+    o1_i, o1_j, _ = out1.detach().split(B)
+    o2_i, o2_j, _ = out2.detach().split(B)
+    sup1 = (w_i * per_instance_ce(o1_i, y_i)).sum() / (2 * B) + (w_j * per_instance_ce(o1_j, y_j)).sum() / (2 * B)
+    sup2 = (w_i * per_instance_ce(o2_i, y_i)).sum() / (2 * B) + (w_j * per_instance_ce(o2_j, y_j)).sum() / (2 * B)
+    _, split_parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0)
+    torch.testing.assert_close(parts["loss/sup1"], sup1)
+    torch.testing.assert_close(parts["loss/sup2"], sup2)
+    torch.testing.assert_close(parts["loss/reg"], split_parts["loss/reg"])
+    torch.testing.assert_close(loss.detach(), sup1 + sup2 + 2.0 * split_parts["loss/reg"])
+    loss.backward()
+    # unlike split supervision, network 1's outputs on x_j and network 2's on x_i get gradient
+    assert out1.grad[B:2 * B].abs().max() > 0 and out2.grad[:B].abs().max() > 0
+
+
+def test_warmup_loss_is_the_supervised_part_without_a_mix():
+    torch.manual_seed(0)
+    C, B = 3, 4
+    x_i, x_j, y_i, y_j = _batch(B=B, C=C, seed=6)
+    net1 = torch.nn.Conv2d(3, C, 1)
+    net2 = torch.nn.Conv2d(3, C, 1)
+    w_i, w_j = torch.ones(B), torch.tensor([1.0, 0.0, 0.5, 1.0])
+    for supervision in ("split", "both"):
+        loss, parts = warmup_loss(net1, net2, x_i, x_j, y_i, y_j, w_i, w_j, supervision)
+        with torch.no_grad():
+            o1 = net1(torch.cat([x_i, x_j, x_i]))
+            o2 = net2(torch.cat([x_i, x_j, x_i]))
+        mix = make_mix(x_i, x_j, y_i, C, "foreground")
+        _, full = dcr_loss(o1, o2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 0.0, supervision=supervision)
+        torch.testing.assert_close(parts["loss/sup1"], full["loss/sup1"])
+        torch.testing.assert_close(parts["loss/sup2"], full["loss/sup2"])
+        torch.testing.assert_close(loss.detach(), full["loss/total"])
+        assert "loss/reg" not in parts

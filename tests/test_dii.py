@@ -240,3 +240,30 @@ def test_sampler_is_stateless_and_weighted():
     other = StepSampler(4, 64, seed=3, stream="primary", rank=1, weights=w)
     assert not np.array_equal(s.indices(10), other.indices(10))
     assert s.batch(10)[0][1] != other.batch(10)[0][1]  # augmentation seeds differ per rank too
+
+
+def test_weight_score_drops_the_bias_term():
+    # dii.score=weight (the authors' code): s_k = <G_k, G_S>, the classifier weight's gradients only
+    torch.manual_seed(3)
+    B, F_, C, H = 6, 4, 3, 4
+    net = FeatNet(F_, C).double()
+    x = torch.randn(B, F_, H, H, dtype=torch.float64)
+    y = torch.randint(0, C, (B, H, H))
+    strong, weak = [0, 1], [2, 3, 4, 5]
+    G = _per_sample_grads(net, x, y)[:, : C * F_]
+    want = G[weak] @ G[strong].mean(0)
+    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=3, score="weight")
+    up = DIIUpdater(GammaState(4), _items(x, y), np.array(strong), np.array(weak), cfg, seed=0)
+    up.update(net, _acc(), step=1)
+    moved = torch.sign(up.gamma.gamma - 0.5)
+    assert torch.equal(moved, torch.sign(want).float())  # Adam's first step: lr times the score's sign
+    gW, gb = reference_grad(net, _items(x, y), strong, _acc(), batch_size=2)
+    s = weak_scores(net, _items(x, y), weak, (gW, torch.zeros_like(gb)), _acc(), batch_size=2)
+    torch.testing.assert_close(s.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_gamma_lr_scale():
+    # dii.lr_schedule=poly passes the network's schedule factor: Adam's first step moves by lr * scale
+    g = GammaState(2, init=0.5, lr=0.1)
+    g.step(torch.tensor([0, 1]), torch.tensor([-1.0, 2.0]), lr_scale=0.25)
+    torch.testing.assert_close(g.gamma, torch.tensor([0.525, 0.475]))

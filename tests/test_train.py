@@ -134,3 +134,28 @@ def test_evaluate_loads_runs_and_checkpoints(tiny_data, tmp_path):
         torch.testing.assert_close(models[name](x), ck_models[name](x))
     with pytest.raises(ValueError, match="cannot load"):
         load_models_for_eval(tmp_path / "nothing-here")
+
+
+def test_strong_warmup_then_weak_images_with_a_gamma_update(tiny_data, tmp_path, capsys):
+    # method.strong_warmup: the first steps draw strong images only (both samplers), then one gamma
+    # update comes before any weak image is used; the run resumes exactly across the boundary.
+    from hybrid_accel.data import HybridDataset
+
+    strong = set(HybridDataset(tiny_data, "train").strong_indices.tolist())
+    common = ["train.steps=5", "method.strong_warmup=2", "dii.tau=10", "dii.init=0.3", "eval.every=0",
+              "checkpoint.every=1", "eval.test_on=last", "debug.dump=true", "method.lambda_warmup=2",
+              "method.dcr_supervision=both", "optim.head_lr_mult=10", "dii.lr_schedule=poly", "dii.score=weight"]
+    full = trainer.train(_cfg(tiny_data, tmp_path / "a", *common))
+    dump = json.loads((tmp_path / "a" / "t" / "debug" / "rank0.json").read_text())
+    assert set(dump["samples"]["0"]) | set(dump["samples"]["1"]) <= strong
+    assert list(dump["gamma_checksums"]) == ["2"]  # the update at the end of the warm-up; tau=10 gives none
+    assert not set(dump["samples"]["2"]) <= strong or not set(dump["samples"]["3"]) <= strong
+    assert (full["gamma"] != 0.3).all()
+    assert "end of the strong warm-up" in capsys.readouterr().out
+    trainer.train(_cfg(tiny_data, tmp_path / "b", *common, "debug.stop_after=1"))
+    resumed = trainer.train(_cfg(tiny_data, tmp_path / "b", *common, "resume=latest"))
+    torch.testing.assert_close(full["gamma"], resumed["gamma"], rtol=0, atol=1e-6)
+    wa, wb = _weights(tmp_path / "a" / "t"), _weights(tmp_path / "b" / "t")
+    for net in wa:
+        for k in wa[net]:
+            torch.testing.assert_close(wa[net][k], wb[net][k], rtol=1e-5, atol=1e-6, msg=f"{net}.{k}")

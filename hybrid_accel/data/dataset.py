@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError
 from .manifest import KINDS, SPLITS, load_manifest, parse_mask_mapping, read_image, read_mask
-from .transforms import AugmentConfig, transform_pair
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, transform_pair
 
 KIND_STRONG, KIND_WEAK = 0, 1
 
@@ -20,7 +20,7 @@ KIND_STRONG, KIND_WEAK = 0, 1
 class HybridDataset(Dataset):
     """Images of one split of a manifest, with strong and weak index spaces.
 
-    Item ``i`` is a dict: ``image`` float32 [3, H, W] (ImageNet-normalised), ``mask`` int64
+    Item ``i`` is a dict: ``image`` float32 [3, H, W] (normalised with ``mean``/``std``), ``mask`` int64
     [H, W] (class indices, ``ignore_index`` where unlabelled), ``index`` = ``i`` (stable: the
     manifest order of the selected rows), ``kind`` (0 strong, 1 weak), ``weak_index`` (rank of
     ``i`` among the weak rows, 0..n_weak-1, -1 for strong: the DII index) and ``quality`` (true
@@ -39,6 +39,8 @@ class HybridDataset(Dataset):
             ``dataset.yaml`` is remapped to it.
         mask_mapping: raw mask value -> class index, overriding ``dataset.yaml``'s.
         num_classes: overrides ``dataset.yaml``'s (needed only when there is none).
+        mean, std: per-channel input normalisation on [0, 1] values, the network's
+            (``hybrid_accel.model.input_norm``); ImageNet's when not given.
     """
 
     def __init__(
@@ -52,6 +54,8 @@ class HybridDataset(Dataset):
         ignore_index: int = 255,
         mask_mapping: Mapping[int, int] | str | None = None,
         num_classes: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -74,6 +78,9 @@ class HybridDataset(Dataset):
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.augment = AugmentConfig() if augment is True else (augment or None)
         self.use_true_masks = use_true_masks
+        # the network's input normalisation (hybrid_accel.model.input_norm); ImageNet's by default
+        self.mean = np.asarray(IMAGENET_MEAN if mean is None else mean, dtype=np.float32)
+        self.std = np.asarray(IMAGENET_STD if std is None else std, dtype=np.float32)
 
         self.records = [r for r in man.records if r["split"] == split and r["kind"] in kinds]
         self.kinds = np.array([KIND_STRONG if r["kind"] == "strong" else KIND_WEAK for r in self.records], dtype=np.int64)
@@ -124,7 +131,8 @@ class HybridDataset(Dataset):
             # Seeded from torch's generator: deterministic under torch.manual_seed, different in
             # every DataLoader worker and epoch (each worker's torch seed is base_seed + id).
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        img_t, mask_t = transform_pair(image, mask, self.image_size, rng, self.augment, self.disk_ignore_index)
+        img_t, mask_t = transform_pair(image, mask, self.image_size, rng, self.augment, self.disk_ignore_index,
+                                       self.mean, self.std)
         if self.disk_ignore_index != self.ignore_index:
             mask_t[mask_t == self.disk_ignore_index] = self.ignore_index
         return {

@@ -89,16 +89,20 @@ def jitter_matrix(
 
 
 def to_tensors(
-    image: np.ndarray, mask: np.ndarray, color: tuple[np.ndarray, float] | None = None
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[np.ndarray, float] | None = None,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 image [H, W, 3] -> ImageNet-normalised float32 [3, H, W] (after the colour map
-    ``color`` = (A, c) on [0, 1] values, clipped); mask -> int64 [H, W]."""
+    """uint8 image [H, W, 3] -> float32 [3, H, W] normalised with ``mean``/``std`` (on [0, 1] values;
+    ImageNet's by default) after the colour map ``color`` = (A, c), clipped; mask -> int64 [H, W]."""
     h, w, _ = image.shape
     # Channels-first copy while still uint8 (a quarter of the bytes of a float copy); it is also
     # writable, unlike the arrays PIL hands out, which torch warns about.
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).view(3, h * w).float()
-    std = torch.from_numpy(IMAGENET_STD)[:, None]
-    mean = torch.from_numpy(IMAGENET_MEAN)[:, None]
+    std = torch.as_tensor(IMAGENET_STD if std is None else std, dtype=torch.float32)[:, None]
+    mean = torch.as_tensor(IMAGENET_MEAN if mean is None else mean, dtype=torch.float32)[:, None]
     if color is None:
         y = x.mul_(1.0 / 255.0)
     else:
@@ -115,12 +119,15 @@ def transform_pair(
     rng: np.random.Generator | None = None,
     cfg: AugmentConfig | None = None,
     ignore_index: int = 255,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize to ``out_size`` (None: keep), augment when ``rng`` is given, normalise."""
+    """Resize to ``out_size`` (None: keep), augment when ``rng`` is given, normalise with
+    ``mean``/``std`` (ImageNet's by default)."""
     out_size = tuple(mask.shape) if out_size is None else tuple(out_size)
     if rng is None:
         image, mask = warp_pair(image, mask, out_size, ignore_index=ignore_index)
-        return to_tensors(image, mask)
+        return to_tensors(image, mask, None, mean, std)
     cfg = cfg or AugmentConfig()
     zoom = math.exp(rng.uniform(math.log(cfg.scale[0]), math.log(cfg.scale[1])))
     angle = rng.uniform(-cfg.rotate, cfg.rotate)
@@ -132,4 +139,4 @@ def transform_pair(
     saturation = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
     # A strided subsample estimates the mean grey well enough at a sixteenth of the cost.
     channel_mean = image[::4, ::4].reshape(-1, 3).mean(0) / 255.0
-    return to_tensors(image, mask, jitter_matrix(channel_mean, bright, contrast, saturation))
+    return to_tensors(image, mask, jitter_matrix(channel_mean, bright, contrast, saturation), mean, std)
