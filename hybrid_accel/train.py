@@ -180,8 +180,10 @@ def _resolve_run_dir(cfg: Config, accelerator: Any) -> tuple[Path, Path | None]:
         err = None
         if cfg.resume and cfg.resume != "latest":
             resume = Path(cfg.resume).expanduser()
-            if not (resume / ckpt.TRAINER_STATE).is_file():
+            if not ckpt.is_checkpoint(resume):
                 err = f"resume={cfg.resume}: not a checkpoint folder (no {ckpt.TRAINER_STATE})"
+            else:
+                err = ckpt.check_resume_target(resume)  # names a damaged or unsafe file, offers an older one
             run_dir = resume.parent.parent
         elif cfg.resume == "latest":
             with_ck = [p for p in siblings if ckpt.latest_checkpoint(p) is not None]
@@ -190,7 +192,11 @@ def _resolve_run_dir(cfg: Config, accelerator: Any) -> tuple[Path, Path | None]:
                 run_dir = out / cfg.name
             else:
                 run_dir = with_ck[-1]
-                resume = ckpt.latest_checkpoint(run_dir)
+                resume, notes = ckpt.resumable_checkpoint(run_dir)  # skips (and names) damaged ones
+                for note in notes:
+                    _say(accelerator, note)
+                if resume is None:
+                    err = f"resume=latest: no checkpoint of {run_dir} can be loaded:\n  " + "\n  ".join(notes)
         else:
             run_dir = out / cfg.name
             taken = {p.name for p in siblings if (p / ckpt.CKPT_DIR).exists() or (p / "config.yaml").exists()}
@@ -667,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, path = parse_args(argv)
         train(cfg, path)
-    except ConfigError as e:
+    except (ConfigError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -1,0 +1,182 @@
+"""Bad input and attacks (docs/safety.md): each test is one row of the table there.
+
+Files a user is handed (checkpoints, run folders) must never run code when loaded; damaged files
+are named; user errors end in one line and exit code 2.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from hybrid_accel import checkpoint as ckpt
+from hybrid_accel import train as trainer
+from hybrid_accel.config import load_config
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+FAST = [
+    "model.backbone=resnet10t", "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
+    "train.batch_size=4", "log.tracking=none", "log.progress=false", "eval.overlays=0", "dii.scan_batch_size=16",
+    "eval.batch_size=8", "log.every=1", "dii.strong_batches=0", "eval.every=0", "eval.test_on=last",
+]
+
+
+class _Plant:
+    """Unpickling this object opens (so creates) the file ``path``: a stand-in for a shell command."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant(path, marker, wrap=True):
+    torch.save({"step": 1, "payload": _Plant(marker)} if wrap else _Plant(marker), path)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from hybrid_accel.data import make_synthetic_hybrid
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_synthetic_hybrid(root, "polyp", n_train=12, n_val=2, n_test=2, size=32, strong_count=4, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A DII + DCR run with checkpoints at steps 1 and 2 (and no gamma.csv: it stops early)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, FAST + [f"data.root={tiny_data}", f"out_dir={out}", "name=r", "train.steps=3",
+                                    "dii.tau=1", "checkpoint.every=1", "checkpoint.keep_last=3",
+                                    "debug.stop_after=2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return out / "r"
+
+
+@pytest.fixture
+def run(trained, tmp_path, fresh_accelerate_state):
+    """A private copy of the trained run (tests damage it)."""
+    dst = tmp_path / "runs" / "r"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _argv(tiny_data, run, *extra):
+    return FAST + [f"data.root={tiny_data}", f"out_dir={run.parent}", "name=r", "train.steps=3", "dii.tau=1",
+                   "checkpoint.every=1", "checkpoint.keep_last=3", *extra]
+
+
+def _to_legacy(folder, marker):
+    """Make ``folder`` an old-format checkpoint whose trainer_state.pt plants ``marker`` when unpickled."""
+    (folder / ckpt.TRAINER_STATE).unlink()
+    (folder / ckpt.TRAINER_TENSORS).unlink()
+    _plant(folder / ckpt.LEGACY_TRAINER_STATE, marker)
+
+
+# ------------------------------------------------------------------------------ the format
+def test_trainer_state_is_json_and_safetensors(trained):
+    last = ckpt.latest_checkpoint(trained)
+    assert last.name == ckpt.step_name(2)
+    assert not list(last.glob("*.pt"))
+    state = ckpt.read_trainer_state(last)
+    assert state["step"] == 2 and state["net_names"] == ["primary", "auxiliary"]
+    g = state["gamma"]
+    assert isinstance(g["gamma"], torch.Tensor) and g["gamma"].numel() == 8 and isinstance(g["updates"], int)
+    assert state["best"] == float("-inf")  # no validation yet: JSON keeps -inf
+
+
+# --------------------------------------------------- 1: no code runs from a checkpoint folder
+def test_old_pickle_trainer_state_not_run_by_evaluate(run, tiny_data, tmp_path, capsys):
+    from hybrid_accel import evaluate
+
+    marker = tmp_path / "pwned"
+    ck = ckpt.latest_checkpoint(run)
+    _to_legacy(ck, marker)
+    assert evaluate.main(["--model", str(ck), "--data", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert str(ck / "trainer_state.pt") in err and "hybrid_accel.checkpoint upgrade" in err
+
+
+def test_old_pickle_trainer_state_not_run_by_resume(run, tiny_data, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    for _, ck in ckpt.list_checkpoints(run):
+        _to_legacy(ck, marker)
+    ck = ckpt.latest_checkpoint(run)
+    assert trainer.main(_argv(tiny_data, run, f"resume={ck}")) == 2
+    assert "trainer_state.pt" in capsys.readouterr().err
+    assert trainer.main(_argv(tiny_data, run, "resume=latest")) == 2
+    err = capsys.readouterr().err
+    assert "trainer_state.pt" in err and "upgrade" in err
+    assert not marker.exists()
+
+
+def test_old_pickle_trainer_state_not_run_by_audit(run, tmp_path, capsys):
+    from hybrid_accel import audit
+
+    marker = tmp_path / "pwned"
+    assert not (run / "gamma.csv").exists()  # the audit falls back to the checkpoint's gamma
+    _to_legacy(ckpt.latest_checkpoint(run), marker)
+    assert audit.main([str(run), "--no-predict"]) == 2
+    assert "trainer_state.pt" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "scheduler.bin"])
+def test_malicious_accelerate_file_refused_on_resume(run, tiny_data, tmp_path, capsys, name):
+    marker = tmp_path / "pwned"
+    ck = ckpt.latest_checkpoint(run)
+    _plant(ck / name, marker)
+    assert trainer.main(_argv(tiny_data, run, f"resume={ck}")) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert str(ck / name) in err and "could run code" in err
+    assert "step_00000001" in err  # the older, intact checkpoint is offered
+
+
+def test_upgrade_converts_trusted_and_refuses_code(run, tmp_path, capsys):
+    ck1, ck2 = (p for _, p in ckpt.list_checkpoints(run))
+    want = ckpt.read_trainer_state(ck1)
+    (ck1 / ckpt.TRAINER_STATE).unlink()
+    (ck1 / ckpt.TRAINER_TENSORS).unlink()
+    torch.save(want, ck1 / ckpt.LEGACY_TRAINER_STATE)  # what an older version wrote
+    marker = tmp_path / "pwned"
+    _to_legacy(ck2, marker)
+    assert ckpt.main(["upgrade", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert not marker.exists() and str(ck2 / "trainer_state.pt") in err and "refused" in err
+    got = ckpt.read_trainer_state(ck1)
+    torch.testing.assert_close(got["gamma"]["gamma"], want["gamma"]["gamma"], rtol=0, atol=0)
+    assert got["step"] == want["step"] and (ck1 / "trainer_state.pt.bak").is_file()
+
+
+# ------------------------------------------------- 8: a truncated file in the newest checkpoint
+def _truncate(f):
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", ckpt.TRAINER_STATE, "optimizer.bin"])
+def test_truncated_newest_checkpoint_falls_back(run, tiny_data, capsys, name):
+    ck1, ck2 = (p for _, p in ckpt.list_checkpoints(run))
+    _truncate(ck2 / name)
+    assert trainer.main(_argv(tiny_data, run, f"resume={ck2}")) == 2  # explicit: named, older one offered
+    err = capsys.readouterr().err
+    assert str(ck2 / name) in err and f"resume={ck1}" in err
+    res = trainer.train(load_config(None, _argv(tiny_data, run, "resume=latest")))  # latest: takes the older one
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {ck2.name}" in out and str(ck2 / name) in out
+    assert f"resumed from {ck1} at step 1" in out and res["step"] == 3
