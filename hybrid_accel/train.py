@@ -268,11 +268,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _set_cpu_threads(cfg, accelerator)
-    run_dir, resume_from = _resolve_run_dir(cfg, accelerator)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    run_dir, resume_from = _resolve_run_dir(cfg, accelerator)  # verifies the checkpoint; writes nothing
 
     # ---- data
     root = prepare_data(cfg, accelerator)
@@ -293,6 +289,12 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     ds = build_datasets(cfg, root)
     train_ds = ds["train"]
     check_against_data(cfg, train_ds)
+    # only now, with config, checkpoint and data checked: a failed check leaves no run folder behind
+    # and a resumed run's config.yaml untouched
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     num_classes, ignore = train_ds.num_classes, cfg.data.ignore_index
     class_names = train_ds.manifest.meta.get("class_names")
     weak_rank = np.full(len(train_ds), -1, dtype=np.int64)

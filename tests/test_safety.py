@@ -180,3 +180,44 @@ def test_truncated_newest_checkpoint_falls_back(run, tiny_data, capsys, name):
     out = capsys.readouterr().out
     assert f"skipping checkpoint {ck2.name}" in out and str(ck2 / name) in out
     assert f"resumed from {ck1} at step 1" in out and res["step"] == 3
+
+
+# ------------------------------------------ 7, 9: every check before the first step, nothing written
+@pytest.mark.parametrize("bad, says", [
+    (["eval.metric=mean_dcie"], "did you mean 'mean_dice'"),
+    (["eval.metric=mean_assd"], "lower-is-better"),
+    (["eval.model=primary", "method.dcr=false"], "the evaluated networks are net"),
+    (["eval.model=net"], "the evaluated networks are ensemble, primary, auxiliary"),
+])
+def test_bad_eval_setting_fails_before_training(tiny_data, tmp_path, capsys, fresh_accelerate_state, bad, says):
+    argv = FAST + [f"data.root={tiny_data}", f"out_dir={tmp_path}", "name=e", "train.steps=2", *bad]
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and bad[0].split("=")[0] in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_failed_data_check_leaves_no_run_folder(tiny_data, tmp_path, capsys, fresh_accelerate_state):
+    from hybrid_accel.data import load_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    gone = load_manifest(data).records[0]["image"]
+    os.remove(gone)
+    argv = FAST + [f"data.root={data}", f"out_dir={tmp_path / 'runs'}", "name=d", "train.steps=2"]
+    assert trainer.main(argv) == 2
+    assert os.path.basename(gone) in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "d").exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_failed_resume_keeps_config_yaml(run, tiny_data, capsys):
+    before = (run / "config.yaml").read_bytes()
+    assert trainer.main(_argv(tiny_data, run, "resume=latest", "train.batch_size=64")) == 2
+    assert "larger than the training set" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == before
+    marker_ck = ckpt.latest_checkpoint(run)
+    _truncate(marker_ck / "model_1.safetensors")
+    assert trainer.main(_argv(tiny_data, run, f"resume={marker_ck}", "train.steps=5")) == 2
+    assert "model_1.safetensors" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == before
