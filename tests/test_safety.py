@@ -221,3 +221,74 @@ def test_failed_resume_keeps_config_yaml(run, tiny_data, capsys):
     assert trainer.main(_argv(tiny_data, run, f"resume={marker_ck}", "train.steps=5")) == 2
     assert "model_1.safetensors" in capsys.readouterr().err
     assert (run / "config.yaml").read_bytes() == before
+
+
+# ------------------------------------------------------- 3, 4: prepare never overwrites data
+def _source(root, n=10):
+    """An annotated folder: images/N.png, masks/N.png (0/255), one group per image."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / "images" / f"{k}.png")
+        m = np.zeros((24, 24), np.uint8)
+        m[4 + k % 8 : 12 + k % 8, 6:14] = 255
+        Image.fromarray(m).save(root / "masks" / f"{k}.png")
+    return root
+
+
+def test_prepare_refuses_existing_output_without_overwrite(tmp_path, capsys):
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    src, out = _source(tmp_path / "src"), tmp_path / "out"
+    args = ["prepare", str(src), "--out", str(out), "--strong-count", "2", "--no-progress", "--no-check"]
+    assert data_cli(args) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert data_cli(args + ["--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and "manifest.csv" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "masks" / "stale.png").write_bytes(b"x")
+    assert data_cli(args + ["--seed", "5", "--overwrite"]) == 0
+    assert (out / "manifest.csv").read_bytes() != before[out / "manifest.csv"]
+    assert not (out / "masks" / "stale.png").exists()
+
+
+@pytest.mark.parametrize("where", [".", "sub/out"])
+def test_prepare_refuses_output_inside_source(tmp_path, capsys, where):
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    src = _source(tmp_path / "src")
+    listing = sorted(p.relative_to(src) for p in src.rglob("*"))
+    assert data_cli(["prepare", str(src), "--out", str(src / where), "--no-progress"]) == 2
+    assert "inside the source folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == listing
+
+
+def test_prepare_refuses_hybrid_manifest_as_source_list(tmp_path, capsys):
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    src = _source(tmp_path / "src")
+    first = tmp_path / "first"
+    assert data_cli(["prepare", str(src), "--out", str(first), "--strong-count", "2", "--no-progress",
+                     "--no-check"]) == 0
+    shutil.copy(first / "manifest.csv", src / "manifest.csv")  # what `prepare SRC --out SRC` used to leave
+    out = tmp_path / "second"
+    assert data_cli(["prepare", str(src), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(src / "manifest.csv") in err and "hybrid manifest" in err
+    assert not out.exists()
+
+
+def test_prepare_out_is_a_file(tmp_path, capsys):
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    src = _source(tmp_path / "src")
+    (tmp_path / "f").write_text("x")
+    assert data_cli(["prepare", str(src), "--out", str(tmp_path / "f"), "--no-progress"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert data_cli(["prepare", str(src), "--out", str(tmp_path / "f" / "o"), "--no-progress"]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", default=None, help="comma-separated class names")
     p.add_argument("--copy-images", action="store_true", help="copy images into the output (default: reference them)")
     p.add_argument("--max-groups", type=int, default=None, help="use only the first N groups (quick runs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset in an existing --out folder (default: refuse a non-empty --out)")
     p.add_argument("--max-per-group", type=int, default=None, help="use only the first N images of each group")
     _add_weak_args(p)
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 mask_mapping=args.mask_mapping, num_classes=args.num_classes,
                 class_names=args.class_names.split(",") if args.class_names else None,
                 copy_images=args.copy_images, max_groups=args.max_groups, max_per_group=args.max_per_group,
-                workers=args.workers, progress=not args.no_progress)
+                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
             print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
             if not args.no_check:
                 _check(path, args)

@@ -239,6 +239,36 @@ def make_synthetic_dataset(
 # Hybrid datasets from a fully annotated folder
 
 
+_OUTPUTS = ("manifest.csv", "dataset.yaml", "masks", "weak", "images")
+
+
+def _check_out(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output that would write into the source or replace an existing folder's files.
+
+    Usage errors (ValueError, exit status 2), checked before anything is read or written.
+    """
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"--out {out} is inside the source folder {source}: prepare writes masks and a "
+                         "manifest there, and a later prepare would read them as annotations; choose an "
+                         "output folder outside the source")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = [n for n in _OUTPUTS if (out / n).exists()]
+        raise ValueError(f"--out {out} already exists and is not empty"
+                         + (f" (it holds {', '.join(held)})" if held else "")
+                         + "; choose a new folder or pass --overwrite to replace its dataset")
+    for a in out.parents:
+        if a.exists() and not a.is_dir():
+            raise ValueError(f"--out {out}: {a} is a file, not a folder")
+
+
+def _is_hybrid_manifest(header: Sequence[str]) -> bool:
+    # prepare/synth write split and kind columns; a source list of annotations has neither
+    return "kind" in header and "split" in header
+
+
 def find_pairs(source: str | os.PathLike, csv_path: str | os.PathLike | None = None) -> list[dict[str, str]]:
     """(image, mask, group) of every annotated image under ``source``.
 
@@ -257,6 +287,12 @@ def find_pairs(source: str | os.PathLike, csv_path: str | os.PathLike | None = N
         with cp.open(newline="") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
+            if _is_hybrid_manifest(header):
+                raise DatasetError(
+                    f"{cp}: a hybrid manifest written by hybrid_accel (columns split, kind), not a list of exact "
+                    "annotations: its weak rows' masks are simulated. Prepare from the original annotations "
+                    "(remove this file from the source or pass --csv with the source's own list); a prepared "
+                    "dataset is used as it is (data.root)")
             if "image" not in header or "mask" not in header:
                 if csv_path:
                     raise DatasetError(f"{cp}: needs image and mask columns (has: {', '.join(header)})")
@@ -372,6 +408,7 @@ def prepare_hybrid(
     max_per_group: int | None = None,
     workers: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Turn a fully annotated folder into a hybrid dataset in ``out``; return the manifest's path.
 
@@ -381,10 +418,12 @@ def prepare_hybrid(
     ``mask_mapping`` (``"auto"``: 0/255 binary masks become 0/1) and written to ``out``; images
     are referenced by absolute path unless ``copy_images``. ``max_groups`` / ``max_per_group``
     take a deterministic subset (the first groups in natural order, the first frames of each)
-    for quick runs.
+    for quick runs. ``out`` must not be inside ``source``, and must be new or empty unless
+    ``overwrite`` (which first removes a previous dataset's files from it).
     """
     out = Path(out)
     pairs = find_pairs(source, csv_path)
+    _check_out(Path(source), out, overwrite)
     if not pairs:
         raise DatasetError(f"{source}: no annotated images found")
     if max_groups is not None or max_per_group is not None:
@@ -405,6 +444,12 @@ def prepare_hybrid(
     spec = WeakSpec(weak, severity, drop_fraction)
     train_idx = [i for i, p in enumerate(pairs) if group_split[p["group"]] == "train"]
     plan = dict(zip(train_idx, _assign_kinds(len(train_idx), strong_fraction, strong_count, spec, seed)))
+    if overwrite:
+        for sub in _OUTPUTS:  # stale masks of a previous dataset must not survive beside the new one
+            if (out / sub).is_dir():
+                shutil.rmtree(out / sub)
+            else:
+                (out / sub).unlink(missing_ok=True)
     for sub in ("masks", "weak") + (("images",) if copy_images else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = []
