@@ -292,3 +292,38 @@ def test_prepare_out_is_a_file(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
     assert data_cli(["prepare", str(src), "--out", str(tmp_path / "f" / "o"), "--no-progress"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------ 2: a meta tensor mixed with CPU tensors
+def _mixed_calls():
+    from hybrid_accel import ops
+    from hybrid_accel.ops import _ref
+
+    g = torch.Generator().manual_seed(0)
+    f, z = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
+    y, w = torch.randint(0, 3, (2, 10, 10), generator=g), torch.randn(3, 4, generator=g)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    return {
+        "grad_dot": lambda: ops.grad_dot(f.flatten(2), meta(z).flatten(2), w, None, backend="torch"),
+        "grad_dot twin": lambda: _ref.grad_dot_ref(f.flatten(2), meta(z).flatten(2), w[None], None),
+        "classifier_grad": lambda: ops.classifier_grad(meta(f), z, y),
+        "dii_scores": lambda: ops.dii_scores(f, z, y, w, meta(torch.zeros(3)), backend="torch"),
+        "foreground_paste twin": lambda: _ref.foreground_paste_ref(
+            meta(f), f, y[:, :5, :5], torch.tensor([1, 1]), z, z, z, z),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mixed_calls()))
+def test_ops_refuse_meta_mixed_with_cpu(name):
+    with pytest.raises(ValueError, match="device"):
+        _mixed_calls()[name]()
+
+
+def test_ops_fake_kernels_refuse_mixed_devices():
+    from hybrid_accel.ops import extension_available
+
+    if not extension_available():
+        pytest.skip("compiled extension not built (HYBRID_ACCEL_SKIP_EXT)")
+    f, g, w = torch.randn(2, 4, 5), torch.randn(2, 3, 5, device="meta"), torch.randn(1, 3, 4)
+    with pytest.raises(RuntimeError, match="different devices"):
+        torch.ops.hybrid_accel.grad_dot(f, g, w, None)
