@@ -277,7 +277,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         if accelerator.is_main_process:
             try:
                 validate_dataset(root, mask_mapping=cfg.data.mask_mapping, require_strong=cfg.data.train_on != "weak",
-                                 decode_images=False, workers=4)
+                                 decode_images=True, workers=4)  # a truncated image fails here, named
             except DatasetError as e:
                 problem = str(e)
         from accelerate.utils import broadcast_object_list

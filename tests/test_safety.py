@@ -164,9 +164,9 @@ def test_upgrade_converts_trusted_and_refuses_code(run, tmp_path, capsys):
 
 
 # ------------------------------------------------- 8: a truncated file in the newest checkpoint
-def _truncate(f):
+def _truncate(f, keep=0.5):
     data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
+    f.write_bytes(data[: int(len(data) * keep)])
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", ckpt.TRAINER_STATE, "optimizer.bin"])
@@ -327,3 +327,18 @@ def test_ops_fake_kernels_refuse_mixed_devices():
     f, g, w = torch.randn(2, 4, 5), torch.randn(2, 3, 5, device="meta"), torch.randn(1, 3, 4)
     with pytest.raises(RuntimeError, match="different devices"):
         torch.ops.hybrid_accel.grad_dot(f, g, w, None)
+
+
+# ------------------------------------------------------------- 6: a truncated image, before training
+def test_truncated_image_caught_before_training(tiny_data, tmp_path, capsys, fresh_accelerate_state):
+    from hybrid_accel.data import load_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    img = next(r["image"] for r in load_manifest(data).records if r["split"] == "train")
+    _truncate(type(tmp_path)(img), keep=0.9)  # the header stays readable; the pixel data is cut
+    argv = FAST + [f"data.root={data}", f"out_dir={tmp_path / 'runs'}", "name=j", "train.steps=2"]
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert img in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "j").exists()
