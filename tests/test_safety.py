@@ -342,3 +342,86 @@ def test_truncated_image_caught_before_training(tiny_data, tmp_path, capsys, fre
     err = capsys.readouterr().err
     assert img in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "j").exists()
+
+
+# ------------------------------------------------------------------------- 5: masks saved as JPEG
+def _jpeg_values(mask01):
+    """The values a 0/255 mask has after a round trip through JPEG (noise around the edges)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.asarray(mask01) > 0).astype(np.uint8) * 255).save(buf, format="JPEG", quality=75)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+
+
+def _jpeg_source(root, n=10):
+    import numpy as np
+    from PIL import Image
+
+    src = _source(root, n)
+    for k in range(n):
+        m = np.asarray(Image.open(src / "masks" / f"{k}.png"))
+        (src / "masks" / f"{k}.png").unlink()
+        Image.fromarray(m).save(src / "masks" / f"{k}.jpg", quality=75)  # as many public datasets ship them
+    return src
+
+
+def test_prepare_thresholds_jpeg_masks_and_says_so(tmp_path, capsys):
+    import numpy as np
+
+    from hybrid_accel.data import load_manifest, load_meta, read_mask
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    src = _jpeg_source(tmp_path / "src")
+    raw = np.unique(np.concatenate([_jpeg_values(read_mask(p)).ravel() for p in (src / "masks").iterdir()]))
+    assert len(raw) > 10  # the source masks really are noisy
+    assert data_cli(["prepare", str(src), "--out", str(tmp_path / "out"), "--strong-count", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "binary up to compression noise" in out and "thresholded at 128" in out
+    assert load_meta(tmp_path / "out")["num_classes"] == 2
+    for r in load_manifest(tmp_path / "out").records:
+        assert set(np.unique(read_mask(r["true_mask"] or r["mask"])).tolist()) <= {0, 1, 255}
+    assert data_cli(["prepare", str(src), "--out", str(tmp_path / "t"), "--mask-mapping", "threshold:200",
+                     "--strong-count", "2", "--no-progress", "--no-check"]) == 0
+    assert "compression noise" not in capsys.readouterr().out
+    assert data_cli(["prepare", str(src), "--out", str(tmp_path / "u"), "--mask-mapping", "threshold:x",
+                     "--no-progress"]) == 1
+    assert "threshold:T needs an integer" in capsys.readouterr().err
+
+
+def test_prepare_refuses_masks_with_too_many_values(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    src = _source(tmp_path / "src")
+    grey = np.tile(np.arange(0, 240, 10, dtype=np.uint8), (24, 1))  # 24 grey levels across the mask
+    grey[:, :3] = np.arange(100, 124, dtype=np.uint8)[:, None] + 100  # and more, well inside 0..255
+    Image.fromarray(grey).save(src / "masks" / "3.png")
+    assert data_cli(["prepare", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(src / "masks" / "3.png") in err and "different values" in err and "mask mapping" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_and_train_name_jpeg_noise_masks(tiny_data, tmp_path, capsys, fresh_accelerate_state):
+    from PIL import Image
+
+    from hybrid_accel.data import load_manifest, read_mask
+    from hybrid_accel.data.__main__ import main as data_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    rec = next(r for r in load_manifest(data).records if r["split"] == "train" and r["kind"] == "strong")
+    Image.fromarray(_jpeg_values(read_mask(rec["mask"]) == 1)).save(rec["mask"])  # a 0/255 JPEG mask, unmapped
+    assert data_cli(["check", str(data), "--no-progress"]) == 1
+    msg = capsys.readouterr().err
+    assert rec["mask"] in msg and "threshold:128" in msg and "saved lossy" in msg
+    argv = FAST + [f"data.root={data}", f"out_dir={tmp_path / 'runs'}", "name=m", "train.steps=2"]
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert rec["mask"] in err and "threshold:128" in err and "saved lossy" in err

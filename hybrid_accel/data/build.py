@@ -31,7 +31,11 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .manifest import (
+    MAX_MASK_VALUES,
     apply_mask_mapping,
+    looks_lossy_binary,
+    threshold_mapping,
+    too_many_values_message,
     mask_array,
     parse_mask_mapping,
     write_manifest,
@@ -346,21 +350,37 @@ def split_groups(
     return out
 
 
-def _raw_values(path: str) -> set[int]:
+def _raw_counts(path: str) -> np.ndarray:
     with Image.open(path) as im:
-        return set(np.unique(mask_array(im, path)).tolist())
+        return np.bincount(mask_array(im, path).ravel().astype(np.int64).clip(0, 255), minlength=256)
 
 
 def _detect_mapping(mask_paths: Sequence[str]) -> dict[int, int] | None:
-    """0/255 binary masks -> {0: 0, 255: 1}; anything else is taken as class indices.
+    """0/255 binary masks -> {0: 0, 255: 1}; 0/255 masks saved lossy (values spread near 0 and
+    255, as JPEG leaves them) -> threshold at 128, said on stdout; few values -> class indices (None).
 
     Every mask is read (threads: decoding releases the GIL), since a 0/255 dataset whose first
-    masks happen to be empty would otherwise be taken as background + ignore."""
-    values: set[int] = set()
+    masks happen to be empty would otherwise be taken as background + ignore. More than
+    MAX_MASK_VALUES values in a mask that does not look binary is refused, naming the mask."""
+    total = np.zeros(256, dtype=np.int64)
+    worst, worst_n = None, 0
     with ThreadPoolExecutor(4) as ex:
-        for v in ex.map(_raw_values, mask_paths):
-            values |= v
-    return {0: 0, 255: 1} if values <= {0, 255} and 255 in values else None
+        for path, c in zip(mask_paths, ex.map(_raw_counts, mask_paths)):
+            total += c
+            n = int((c > 0).sum())
+            if n > worst_n:
+                worst, worst_n = path, n
+    values = set(np.flatnonzero(total).tolist())
+    if values <= {0, 255} and 255 in values:
+        return {0: 0, 255: 1}
+    if looks_lossy_binary(total):
+        print(f"note: the masks are binary up to compression noise ({len(values)} values, e.g. {worst_n} in "
+              f"{worst}): thresholded at 128 (values >= 128 are class 1); pass --mask-mapping to choose another "
+              "mapping", flush=True)
+        return threshold_mapping(128)
+    if worst_n > MAX_MASK_VALUES:
+        raise DatasetError(too_many_values_message(worst, worst_n, False))
+    return None
 
 
 def _prepare_one(

@@ -21,7 +21,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DatasetError
-from .manifest import KINDS, SPLITS, apply_mask_mapping, load_manifest, mask_array, parse_mask_mapping
+from .manifest import (
+    KINDS,
+    MAX_MASK_VALUES,
+    SPLITS,
+    apply_mask_mapping,
+    load_manifest,
+    looks_lossy_binary,
+    mask_array,
+    parse_mask_mapping,
+    too_many_values_message,
+)
 
 
 def _check_mask(path: str, what: str, image_size, mapping, num_classes, ignore_index, problems) -> np.ndarray | None:
@@ -30,7 +40,8 @@ def _check_mask(path: str, what: str, image_size, mapping, num_classes, ignore_i
         return None
     try:
         with Image.open(path) as im:
-            arr = apply_mask_mapping(mask_array(im, path), mapping)
+            raw = mask_array(im, path)
+            arr = apply_mask_mapping(raw, mapping)
     except DatasetError as e:
         problems.append(str(e))
         return None
@@ -41,7 +52,11 @@ def _check_mask(path: str, what: str, image_size, mapping, num_classes, ignore_i
         problems.append(
             f"{path}: {what} size {arr.shape[1]}x{arr.shape[0]} differs from its image's {image_size[0]}x{image_size[1]}"
         )
-    if num_classes is not None:
+    n_values = len(np.unique(arr))
+    if n_values > MAX_MASK_VALUES:  # not class indices: one clear message, not a list of bad values
+        counts = np.bincount(raw.ravel().astype(np.int64).clip(0, 255), minlength=256)
+        problems.append(too_many_values_message(path, n_values, looks_lossy_binary(counts)))
+    elif num_classes is not None:
         vals = np.unique(arr)
         bad = vals[((vals < 0) | (vals >= num_classes)) & (vals != ignore_index)]
         if len(bad):
