@@ -193,6 +193,19 @@ def _summarise(man, results, ncls, ignore, mapping) -> dict[str, Any]:
     }
 
 
+def _format_sizes(sizes: Mapping[str, int], shown: int = 5) -> str:
+    """The most common sizes, then the range and the count of the rest: one short line at any scale."""
+    items = sorted(sizes.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k}: {v}" for k, v in items[:shown])
+    if len(items) > shown:
+        wh = [tuple(map(int, k.split("x"))) for k in sizes]
+        rest = sum(v for _, v in items[shown:])
+        text += (f", and {rest} more images in {len(items) - shown} other sizes ({len(items)} sizes, "
+                 f"width {min(w for w, _ in wh)}..{max(w for w, _ in wh)}, "
+                 f"height {min(h for _, h in wh)}..{max(h for _, h in wh)})")
+    return text
+
+
 def format_summary(s: Mapping[str, Any]) -> str:
     """A human-readable table of :func:`validate_dataset`'s summary."""
     names = s.get("class_names") or [str(c) for c in range(s["num_classes"])]
@@ -205,7 +218,7 @@ def format_summary(s: Mapping[str, Any]) -> str:
         f = s["class_frequencies"].get(split)
         freq = " ".join(f"{v:.3f}" for v in f["classes"]) + f" ({f['ignore']:.3f})" if f else ""
         lines.append(f"{split:<6} {c['strong']:>7} {c['weak']:>7}   {freq}")
-    lines.append("image sizes (WxH): " + ", ".join(f"{k}: {v}" for k, v in s["image_sizes"].items()))
+    lines.append("image sizes (WxH): " + _format_sizes(s["image_sizes"]))
     if s["weak_quality"]:
         lines.append("weak masks, true IoU against the exact mask:")
         for t, q in s["weak_quality"].items():
