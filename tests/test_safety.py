@@ -438,3 +438,19 @@ def test_size_listing_is_summarised(tiny_data):
     assert len(line) < 250
     assert line.startswith("image sizes (WxH): 317x203: 41, ")
     assert "and 295 more images in 295 other sizes (300 sizes, width 300..599, height 200..206)" in line
+
+
+# -------------------------------------------------------------- 10: evaluate's user errors
+def test_evaluate_user_errors_are_one_line(run, tiny_data, tmp_path, capsys):
+    from hybrid_accel import evaluate
+
+    model = str(ckpt.latest_checkpoint(run))
+    cases = [
+        (["--model", str(tmp_path / "nope.safetensors"), "--data", str(tiny_data)], "nope.safetensors"),
+        (["--model", model, "--data", str(tmp_path / "nodata")], "nodata"),
+        (["--model", model, "--data", str(tiny_data), "--split", "bogus"], "bogus"),
+    ]
+    for argv, names in cases:
+        assert evaluate.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and names in err and "Traceback" not in err
