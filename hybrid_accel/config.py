@@ -460,5 +460,31 @@ def validate_config(cfg: Config) -> None:
                  "has only one kind (set method.dii=false for this baseline)")
     if m.dii_sampling and not m.dii:
         p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
+    p += _eval_problems(cfg)
     if p:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+
+
+# metrics of hybrid_accel.metrics.summarize that can pick the best checkpoint (higher is better)
+EVAL_METRICS = ("mean_dice",)
+
+
+def _eval_problems(cfg: Config) -> list[str]:
+    """eval.* settings that would otherwise fail only at the first validation, after training steps."""
+    e, p = cfg.eval, []
+    if e.metric not in EVAL_METRICS:
+        hint = difflib.get_close_matches(str(e.metric), EVAL_METRICS, n=1)
+        p.append(f"eval.metric={e.metric!r}: choose one of {', '.join(EVAL_METRICS)} (higher is better; "
+                 "mean_assd is lower-is-better and cannot pick the best checkpoint)"
+                 + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    nets = ("ensemble", "primary", "auxiliary") if cfg.method.dcr else ("net",)
+    if e.model != "auto" and e.model not in nets:
+        p.append(f"eval.model={e.model!r}: with method.dcr={str(cfg.method.dcr).lower()} the evaluated networks "
+                 f"are {', '.join(nets)}; choose auto or one of them")
+    if e.batch_size <= 0:
+        p.append(f"eval.batch_size={e.batch_size}: must be positive")
+    if e.overlays < 0:
+        p.append(f"eval.overlays={e.overlays}: cannot be negative")
+    if len(e.spacing) != 2 or min(e.spacing) <= 0:
+        p.append(f"eval.spacing={e.spacing}: [row, col] pixel sizes, both positive")
+    return p

@@ -76,7 +76,7 @@ def load_models_for_eval(
 
 
 def _load_trainer_output(path: Path, map_location) -> tuple[dict[str, nn.Module], dict] | None:
-    from .checkpoint import TRAINER_STATE, latest_checkpoint, read_trainer_state
+    from .checkpoint import is_checkpoint, latest_checkpoint, read_trainer_state
     from .model import build_model, load_exported, load_model_weights
 
     export = path / "export"
@@ -90,7 +90,7 @@ def _load_trainer_output(path: Path, map_location) -> tuple[dict[str, nn.Module]
             models[str(cfg.get("name", f.stem))] = model
             config = config or cfg
         return models, config
-    ck = path if (path / TRAINER_STATE).is_file() else latest_checkpoint(path)
+    ck = path if is_checkpoint(path) else latest_checkpoint(path)
     if ck is None:
         return None
     state = read_trainer_state(ck)
@@ -409,6 +409,20 @@ def eval_dataset(models: Mapping[str, nn.Module], data: str | os.PathLike, split
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, OSError) as e:
+        # user errors (a missing or unsafe model file, a missing image or manifest, an unknown split,
+        # an output folder under a file): one line that names the thing, exit status 2. DatasetError,
+        # WeightsError and CheckpointError are ValueErrors.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _main(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
@@ -424,17 +438,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             loaded = {name: next(iter(loaded.values()))}
         for name, m in loaded.items():
             if name in models:
-                raise SystemExit(f"two networks are named {name!r}; pass distinct --names")
+                raise ValueError(f"two networks are named {name!r}; pass distinct --names")
             models[name] = m.to(accelerator.device)
     image_size = args.image_size or config.get("image_size")
     if image_size is None:
-        raise SystemExit("--image-size is required (the model file does not record one)")
+        raise ValueError("--image-size is required (the model file does not record one)")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     dataset = eval_dataset(models, args.data, args.split, tuple(image_size))
     for name, m in models.items():
         if m.num_classes != dataset.num_classes:
-            raise SystemExit(f"network {name!r} predicts {m.num_classes} classes, the dataset has {dataset.num_classes}")
+            raise ValueError(f"network {name!r} predicts {m.num_classes} classes, the dataset has {dataset.num_classes}")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     summary = evaluate(
         models, loader, accelerator, dataset.num_classes,
@@ -447,8 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         accelerator.print(f"wrote {Path(args.out) / 'summary.json'} and per_image.csv")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 

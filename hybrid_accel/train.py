@@ -196,8 +196,10 @@ def _resolve_run_dir(cfg: Config, accelerator: Any) -> tuple[Path, Path | None]:
         err = None
         if cfg.resume and cfg.resume != "latest":
             resume = Path(cfg.resume).expanduser()
-            if not (resume / ckpt.TRAINER_STATE).is_file():
+            if not ckpt.is_checkpoint(resume):
                 err = f"resume={cfg.resume}: not a checkpoint folder (no {ckpt.TRAINER_STATE})"
+            else:
+                err = ckpt.check_resume_target(resume)  # names a damaged or unsafe file, offers an older one
             run_dir = resume.parent.parent
         elif cfg.resume == "latest":
             with_ck = [p for p in siblings if ckpt.latest_checkpoint(p) is not None]
@@ -206,7 +208,11 @@ def _resolve_run_dir(cfg: Config, accelerator: Any) -> tuple[Path, Path | None]:
                 run_dir = out / cfg.name
             else:
                 run_dir = with_ck[-1]
-                resume = ckpt.latest_checkpoint(run_dir)
+                resume, notes = ckpt.resumable_checkpoint(run_dir)  # skips (and names) damaged ones
+                for note in notes:
+                    _say(accelerator, note)
+                if resume is None:
+                    err = f"resume=latest: no checkpoint of {run_dir} can be loaded:\n  " + "\n  ".join(notes)
         else:
             run_dir = out / cfg.name
             taken = {p.name for p in siblings if (p / ckpt.CKPT_DIR).exists() or (p / "config.yaml").exists()}
@@ -278,11 +284,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _set_cpu_threads(cfg, accelerator)
-    run_dir, resume_from = _resolve_run_dir(cfg, accelerator)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    run_dir, resume_from = _resolve_run_dir(cfg, accelerator)  # verifies the checkpoint; writes nothing
 
     # ---- data
     root = prepare_data(cfg, accelerator)
@@ -291,7 +293,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         if accelerator.is_main_process:
             try:
                 validate_dataset(root, mask_mapping=cfg.data.mask_mapping, require_strong=cfg.data.train_on != "weak",
-                                 decode_images=False, workers=4)
+                                 decode_images=True, workers=4)  # a truncated image fails here, named
             except DatasetError as e:
                 problem = str(e)
         from accelerate.utils import broadcast_object_list
@@ -303,6 +305,12 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     ds = build_datasets(cfg, root)
     train_ds = ds["train"]
     check_against_data(cfg, train_ds)
+    # only now, with config, checkpoint and data checked: a failed check leaves no run folder behind
+    # and a resumed run's config.yaml untouched
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     num_classes, ignore = train_ds.num_classes, cfg.data.ignore_index
     class_names = train_ds.manifest.meta.get("class_names")
     weak_rank = np.full(len(train_ds), -1, dtype=np.int64)
@@ -706,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, path = parse_args(argv)
         train(cfg, path)
-    except ConfigError as e:
+    except (ConfigError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

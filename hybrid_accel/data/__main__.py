@@ -71,11 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of groups for val (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of groups for test (default 0.2)")
     p.add_argument("--mask-mapping", default="auto",
-                   help="raw:class pairs such as 0:0,255:1; 'auto' maps 0/255 masks to 0/1 (default)")
+                   help="raw:class pairs such as 0:0,255:1, or threshold:T (raw >= T is class 1); 'auto' maps "
+                        "0/255 masks to 0/1 and thresholds 0/255 masks saved as JPEG at 128 (default)")
     p.add_argument("--num-classes", type=int, default=None, help="class count (default: largest class + 1, at least 2)")
     p.add_argument("--class-names", default=None, help="comma-separated class names")
     p.add_argument("--copy-images", action="store_true", help="copy images into the output (default: reference them)")
     p.add_argument("--max-groups", type=int, default=None, help="use only the first N groups (quick runs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset in an existing --out folder (default: refuse a non-empty --out)")
     p.add_argument("--max-per-group", type=int, default=None, help="use only the first N images of each group")
     _add_weak_args(p)
 
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every file of a dataset; print counts per split and kind, class "
                                    "frequencies, image sizes and weak-mask quality.")
     p.add_argument("root", help="dataset folder or manifest CSV")
-    p.add_argument("--mask-mapping", default=None, help="override dataset.yaml's mask mapping (e.g. 0:0,255:1)")
+    p.add_argument("--mask-mapping", default=None, help="override dataset.yaml's mask mapping (e.g. 0:0,255:1 or threshold:128)")
     p.add_argument("--num-classes", type=int, default=None, help="override dataset.yaml's class count")
     p.add_argument("--allow-no-strong", action="store_true", help="accept a train split without strong images")
     p.add_argument("--quick", action="store_true", help="read image headers only (masks are still read)")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 mask_mapping=args.mask_mapping, num_classes=args.num_classes,
                 class_names=args.class_names.split(",") if args.class_names else None,
                 copy_images=args.copy_images, max_groups=args.max_groups, max_per_group=args.max_per_group,
-                workers=args.workers, progress=not args.no_progress)
+                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
             print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
             if not args.no_check:
                 _check(path, args)

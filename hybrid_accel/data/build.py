@@ -31,7 +31,11 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .manifest import (
+    MAX_MASK_VALUES,
     apply_mask_mapping,
+    looks_lossy_binary,
+    threshold_mapping,
+    too_many_values_message,
     mask_array,
     parse_mask_mapping,
     write_manifest,
@@ -239,6 +243,36 @@ def make_synthetic_dataset(
 # Hybrid datasets from a fully annotated folder
 
 
+_OUTPUTS = ("manifest.csv", "dataset.yaml", "masks", "weak", "images")
+
+
+def _check_out(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output that would write into the source or replace an existing folder's files.
+
+    Usage errors (ValueError, exit status 2), checked before anything is read or written.
+    """
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"--out {out} is inside the source folder {source}: prepare writes masks and a "
+                         "manifest there, and a later prepare would read them as annotations; choose an "
+                         "output folder outside the source")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = [n for n in _OUTPUTS if (out / n).exists()]
+        raise ValueError(f"--out {out} already exists and is not empty"
+                         + (f" (it holds {', '.join(held)})" if held else "")
+                         + "; choose a new folder or pass --overwrite to replace its dataset")
+    for a in out.parents:
+        if a.exists() and not a.is_dir():
+            raise ValueError(f"--out {out}: {a} is a file, not a folder")
+
+
+def _is_hybrid_manifest(header: Sequence[str]) -> bool:
+    # prepare/synth write split and kind columns; a source list of annotations has neither
+    return "kind" in header and "split" in header
+
+
 def find_pairs(source: str | os.PathLike, csv_path: str | os.PathLike | None = None) -> list[dict[str, str]]:
     """(image, mask, group) of every annotated image under ``source``.
 
@@ -257,6 +291,12 @@ def find_pairs(source: str | os.PathLike, csv_path: str | os.PathLike | None = N
         with cp.open(newline="") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
+            if _is_hybrid_manifest(header):
+                raise DatasetError(
+                    f"{cp}: a hybrid manifest written by hybrid_accel (columns split, kind), not a list of exact "
+                    "annotations: its weak rows' masks are simulated. Prepare from the original annotations "
+                    "(remove this file from the source or pass --csv with the source's own list); a prepared "
+                    "dataset is used as it is (data.root)")
             if "image" not in header or "mask" not in header:
                 if csv_path:
                     raise DatasetError(f"{cp}: needs image and mask columns (has: {', '.join(header)})")
@@ -310,21 +350,37 @@ def split_groups(
     return out
 
 
-def _raw_values(path: str) -> set[int]:
+def _raw_counts(path: str) -> np.ndarray:
     with Image.open(path) as im:
-        return set(np.unique(mask_array(im, path)).tolist())
+        return np.bincount(mask_array(im, path).ravel().astype(np.int64).clip(0, 255), minlength=256)
 
 
 def _detect_mapping(mask_paths: Sequence[str]) -> dict[int, int] | None:
-    """0/255 binary masks -> {0: 0, 255: 1}; anything else is taken as class indices.
+    """0/255 binary masks -> {0: 0, 255: 1}; 0/255 masks saved lossy (values spread near 0 and
+    255, as JPEG leaves them) -> threshold at 128, said on stdout; few values -> class indices (None).
 
     Every mask is read (threads: decoding releases the GIL), since a 0/255 dataset whose first
-    masks happen to be empty would otherwise be taken as background + ignore."""
-    values: set[int] = set()
+    masks happen to be empty would otherwise be taken as background + ignore. More than
+    MAX_MASK_VALUES values in a mask that does not look binary is refused, naming the mask."""
+    total = np.zeros(256, dtype=np.int64)
+    worst, worst_n = None, 0
     with ThreadPoolExecutor(4) as ex:
-        for v in ex.map(_raw_values, mask_paths):
-            values |= v
-    return {0: 0, 255: 1} if values <= {0, 255} and 255 in values else None
+        for path, c in zip(mask_paths, ex.map(_raw_counts, mask_paths)):
+            total += c
+            n = int((c > 0).sum())
+            if n > worst_n:
+                worst, worst_n = path, n
+    values = set(np.flatnonzero(total).tolist())
+    if values <= {0, 255} and 255 in values:
+        return {0: 0, 255: 1}
+    if looks_lossy_binary(total):
+        print(f"note: the masks are binary up to compression noise ({len(values)} values, e.g. {worst_n} in "
+              f"{worst}): thresholded at 128 (values >= 128 are class 1); pass --mask-mapping to choose another "
+              "mapping", flush=True)
+        return threshold_mapping(128)
+    if worst_n > MAX_MASK_VALUES:
+        raise DatasetError(too_many_values_message(worst, worst_n, False))
+    return None
 
 
 def _prepare_one(
@@ -372,6 +428,7 @@ def prepare_hybrid(
     max_per_group: int | None = None,
     workers: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Turn a fully annotated folder into a hybrid dataset in ``out``; return the manifest's path.
 
@@ -381,10 +438,12 @@ def prepare_hybrid(
     ``mask_mapping`` (``"auto"``: 0/255 binary masks become 0/1) and written to ``out``; images
     are referenced by absolute path unless ``copy_images``. ``max_groups`` / ``max_per_group``
     take a deterministic subset (the first groups in natural order, the first frames of each)
-    for quick runs.
+    for quick runs. ``out`` must not be inside ``source``, and must be new or empty unless
+    ``overwrite`` (which first removes a previous dataset's files from it).
     """
     out = Path(out)
     pairs = find_pairs(source, csv_path)
+    _check_out(Path(source), out, overwrite)
     if not pairs:
         raise DatasetError(f"{source}: no annotated images found")
     if max_groups is not None or max_per_group is not None:
@@ -405,6 +464,12 @@ def prepare_hybrid(
     spec = WeakSpec(weak, severity, drop_fraction)
     train_idx = [i for i, p in enumerate(pairs) if group_split[p["group"]] == "train"]
     plan = dict(zip(train_idx, _assign_kinds(len(train_idx), strong_fraction, strong_count, spec, seed)))
+    if overwrite:
+        for sub in _OUTPUTS:  # stale masks of a previous dataset must not survive beside the new one
+            if (out / sub).is_dir():
+                shutil.rmtree(out / sub)
+            else:
+                (out / sub).unlink(missing_ok=True)
     for sub in ("masks", "weak") + (("images",) if copy_images else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = []

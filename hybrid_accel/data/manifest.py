@@ -80,13 +80,55 @@ def manifest_path(root: str | os.PathLike) -> Path:
     return p if p.suffix.lower() == ".csv" else p / MANIFEST_NAME
 
 
+MAX_MASK_VALUES = 32  # more distinct raw values than this in one mask is not a map of class indices
+_NOISE = 48  # values this close to 0 or 255 count as compression noise of a 0/255 mask
+
+
+def threshold_mapping(t: int) -> dict[int, int]:
+    """``threshold:T``: raw values >= T become class 1, the rest class 0 (8-bit masks)."""
+    return {v: int(v >= t) for v in range(256)}
+
+
+def _as_threshold(mapping: Mapping[int, int]) -> int | None:
+    if set(mapping) != set(range(256)):
+        return None
+    t = next((v for v in range(256) if mapping[v] == 1), None)
+    return t if t is not None and mapping == threshold_mapping(t) else None
+
+
+def looks_lossy_binary(counts: np.ndarray) -> bool:
+    """A 256-bin histogram of raw mask values: a 0/255 mask saved lossy (JPEG), values spread near 0 and 255?"""
+    n = int(counts.sum())
+    if n == 0 or int((counts > 0).sum()) <= 2 or not counts[256 - _NOISE :].any():
+        return False
+    return counts[:_NOISE].sum() + counts[256 - _NOISE :].sum() >= 0.97 * n
+
+
+def too_many_values_message(path: Any, n_values: int, lossy: bool) -> str:
+    """The one message for masks that are not class indices (prepare, check and training say the same)."""
+    if lossy:
+        return (f"{path}: mask has {n_values} different values, spread around 0 and 255: a binary mask saved "
+                "lossy (JPEG?). Map it with the mask mapping threshold:128 (data prepare/check --mask-mapping "
+                "threshold:128, or data.mask_mapping=threshold:128 in training)")
+    return (f"{path}: mask has {n_values} different values (more than {MAX_MASK_VALUES}); masks must hold class "
+            "indices: pass a mask mapping (raw:class pairs such as 0:0,255:1, or threshold:T)")
+
+
 def parse_mask_mapping(spec: Any) -> dict[int, int] | None:
-    """Accept ``None``, a dict, or a string such as ``"0:0,255:1"``; return ``{raw: class}``."""
+    """Accept ``None``, a dict, or a string such as ``"0:0,255:1"`` or ``"threshold:128"``; return ``{raw: class}``."""
     if spec is None or spec == "" or spec == {}:
         return None
     if isinstance(spec, str):
         if spec.lower() in ("none", "identity"):
             return None
+        if spec.lower().startswith("threshold:"):
+            try:
+                t = int(spec.split(":", 1)[1])
+            except ValueError:
+                t = -1
+            if not 1 <= t <= 255:
+                raise DatasetError(f"mask mapping {spec!r}: threshold:T needs an integer T in 1..255, such as threshold:128")
+            return threshold_mapping(t)
         out = {}
         for part in spec.split(","):
             try:
@@ -103,6 +145,9 @@ def parse_mask_mapping(spec: Any) -> dict[int, int] | None:
 
 
 def format_mask_mapping(mapping: Mapping[int, int] | None) -> str:
+    t = _as_threshold(mapping) if mapping else None
+    if t is not None:
+        return f"threshold:{t}"
     return "identity" if not mapping else ",".join(f"{k}:{v}" for k, v in sorted(mapping.items()))
 
 

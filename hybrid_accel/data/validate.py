@@ -21,7 +21,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DatasetError
-from .manifest import KINDS, SPLITS, apply_mask_mapping, load_manifest, mask_array, parse_mask_mapping
+from .manifest import (
+    KINDS,
+    MAX_MASK_VALUES,
+    SPLITS,
+    apply_mask_mapping,
+    load_manifest,
+    looks_lossy_binary,
+    mask_array,
+    parse_mask_mapping,
+    too_many_values_message,
+)
 
 
 def _check_mask(path: str, what: str, image_size, mapping, num_classes, ignore_index, problems) -> np.ndarray | None:
@@ -30,7 +40,8 @@ def _check_mask(path: str, what: str, image_size, mapping, num_classes, ignore_i
         return None
     try:
         with Image.open(path) as im:
-            arr = apply_mask_mapping(mask_array(im, path), mapping)
+            raw = mask_array(im, path)
+            arr = apply_mask_mapping(raw, mapping)
     except DatasetError as e:
         problems.append(str(e))
         return None
@@ -41,7 +52,11 @@ def _check_mask(path: str, what: str, image_size, mapping, num_classes, ignore_i
         problems.append(
             f"{path}: {what} size {arr.shape[1]}x{arr.shape[0]} differs from its image's {image_size[0]}x{image_size[1]}"
         )
-    if num_classes is not None:
+    n_values = len(np.unique(arr))
+    if n_values > MAX_MASK_VALUES:  # not class indices: one clear message, not a list of bad values
+        counts = np.bincount(raw.ravel().astype(np.int64).clip(0, 255), minlength=256)
+        problems.append(too_many_values_message(path, n_values, looks_lossy_binary(counts)))
+    elif num_classes is not None:
         vals = np.unique(arr)
         bad = vals[((vals < 0) | (vals >= num_classes)) & (vals != ignore_index)]
         if len(bad):
@@ -178,6 +193,19 @@ def _summarise(man, results, ncls, ignore, mapping) -> dict[str, Any]:
     }
 
 
+def _format_sizes(sizes: Mapping[str, int], shown: int = 5) -> str:
+    """The most common sizes, then the range and the count of the rest: one short line at any scale."""
+    items = sorted(sizes.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k}: {v}" for k, v in items[:shown])
+    if len(items) > shown:
+        wh = [tuple(map(int, k.split("x"))) for k in sizes]
+        rest = sum(v for _, v in items[shown:])
+        text += (f", and {rest} more images in {len(items) - shown} other sizes ({len(items)} sizes, "
+                 f"width {min(w for w, _ in wh)}..{max(w for w, _ in wh)}, "
+                 f"height {min(h for _, h in wh)}..{max(h for _, h in wh)})")
+    return text
+
+
 def format_summary(s: Mapping[str, Any]) -> str:
     """A human-readable table of :func:`validate_dataset`'s summary."""
     names = s.get("class_names") or [str(c) for c in range(s["num_classes"])]
@@ -190,7 +218,7 @@ def format_summary(s: Mapping[str, Any]) -> str:
         f = s["class_frequencies"].get(split)
         freq = " ".join(f"{v:.3f}" for v in f["classes"]) + f" ({f['ignore']:.3f})" if f else ""
         lines.append(f"{split:<6} {c['strong']:>7} {c['weak']:>7}   {freq}")
-    lines.append("image sizes (WxH): " + ", ".join(f"{k}: {v}" for k, v in s["image_sizes"].items()))
+    lines.append("image sizes (WxH): " + _format_sizes(s["image_sizes"]))
     if s["weak_quality"]:
         lines.append("weak masks, true IoU against the exact mask:")
         for t, q in s["weak_quality"].items():

@@ -257,6 +257,7 @@ def ce_grad_logits(logits_low: torch.Tensor, labels: torch.Tensor, ignore_index:
         raise ValueError(
             f"ce_grad_logits: `labels` must be [B={logits_low.shape[0]}, H, W], got {tuple(labels.shape)}"
         )
+    _check_device("ce_grad_logits", "logits_low", logits_low, labels=labels)
     acc = _ref._acc_dtype(logits_low.dtype)
     with torch.enable_grad():
         z = logits_low.detach().to(acc).requires_grad_(True)
@@ -278,6 +279,7 @@ def classifier_grad(
     ``feats`` [B, F, h, w] are the classifier's inputs and ``logits_low`` [B, C, h, w] its outputs from
     the same forward pass. Used for the strong-set reference gradient g_S of DII.
     """
+    _check_device("classifier_grad", "logits_low", logits_low, feats=feats, labels=labels, weights=weights)
     delta = ce_grad_logits(logits_low, labels, ignore_index)
     B = delta.shape[0]
     if weights is not None:
@@ -316,6 +318,8 @@ def dii_scores(
         )
     if labels.dim() != 3 or labels.shape[0] != feats.shape[0]:
         raise ValueError(f"dii_scores: `labels` must be [B={feats.shape[0]}, H, W], got {tuple(labels.shape)}")
+    _check_device("dii_scores", "feats", feats, logits_low=logits_low, labels=labels, ref_weight=ref_weight,
+                  ref_bias=ref_bias)
     B = feats.shape[0]
     step = B if not chunk_size or chunk_size <= 0 else chunk_size
     out = []

@@ -58,7 +58,14 @@ def require_extension(op: str, device: torch.device) -> None:
 if _C is not None:
     # Fakes are registered only when the library loaded, so a compiler-less install stays importable.
     @torch.library.register_fake("hybrid_accel::grad_dot")
+    def _same_device_fake(op, *tensors):
+        # a meta tensor mixed with CPU ones must fail here too, not yield uninitialised CPU memory
+        devs = {t.device for t in tensors if t is not None}
+        torch._check(len(devs) <= 1, lambda: f"{op}: inputs on different devices ({sorted(map(str, devs))}); "
+                                             "move them to one device")
+
     def _grad_dot_fake(feats, grad_logits, ref_weight, ref_bias):
+        _same_device_fake("grad_dot", feats, grad_logits, ref_weight, ref_bias)
         torch._check(feats.dim() == 3, lambda: "grad_dot: feats must be [B, F, P]")
         torch._check(ref_weight.dim() == 3, lambda: "grad_dot: ref_weight must be [R, C, F]")
         out_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
@@ -66,6 +73,7 @@ if _C is not None:
 
     @torch.library.register_fake("hybrid_accel::foreground_paste")
     def _foreground_paste_fake(x_i, x_j, y_i, cls, p1_i, p1_j, p2_i, p2_j):
+        _same_device_fake("foreground_paste", x_i, x_j, y_i, cls, p1_i, p1_j, p2_i, p2_j)
         B, _, H, W = x_i.shape
         return (
             torch.empty_like(x_i, memory_format=torch.contiguous_format),

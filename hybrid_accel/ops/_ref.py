@@ -15,6 +15,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Raise when tensors sit on different devices: mixed meta/CPU inputs would otherwise compute on
+    uninitialised memory and return values instead of an error."""
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        where = ", ".join(f"`{n}` on {d}" for n, d in devs.items())
+        raise ValueError(f"{op}: inputs on different devices ({where}); move them to one device")
+
+
 def grad_dot_ref(
     feats: torch.Tensor,
     grad_logits: torch.Tensor,
@@ -26,6 +35,7 @@ def grad_dot_ref(
     Canonical shapes: feats [B, F, P], grad_logits [B, C, P], ref_weight [R, C, F],
     ref_bias [R, C] or None. Returns [B, R] in the accumulation dtype.
     """
+    _same_device("grad_dot", feats=feats, grad_logits=grad_logits, ref_weight=ref_weight, ref_bias=ref_bias)
     acc = _acc_dtype(feats.dtype)
     f = feats.to(acc)
     g = grad_logits.to(acc)
@@ -65,5 +75,6 @@ def mix_with_mask_ref(
 
 def foreground_paste_ref(x_i, x_j, y_i, cls, p1_i, p1_j, p2_i, p2_j):
     """Twin of the fused op: (x_m, mask, y1_m, y2_m)."""
+    _same_device("foreground_paste", x_i=x_i, x_j=x_j, y_i=y_i, cls=cls, p1_i=p1_i, p1_j=p1_j, p2_i=p2_i, p2_j=p2_j)
     mask = paste_mask_ref(y_i, cls)
     return mix_with_mask_ref(x_i, x_j, mask, p1_i, p1_j, p2_i, p2_j)
