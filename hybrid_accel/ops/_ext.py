@@ -57,13 +57,13 @@ def require_extension(op: str, device: torch.device) -> None:
 
 if _C is not None:
     # Fakes are registered only when the library loaded, so a compiler-less install stays importable.
-    @torch.library.register_fake("hybrid_accel::grad_dot")
     def _same_device_fake(op, *tensors):
         # a meta tensor mixed with CPU ones must fail here too, not yield uninitialised CPU memory
         devs = {t.device for t in tensors if t is not None}
         torch._check(len(devs) <= 1, lambda: f"{op}: inputs on different devices ({sorted(map(str, devs))}); "
                                              "move them to one device")
 
+    @torch.library.register_fake("hybrid_accel::grad_dot")
     def _grad_dot_fake(feats, grad_logits, ref_weight, ref_bias):
         _same_device_fake("grad_dot", feats, grad_logits, ref_weight, ref_bias)
         torch._check(feats.dim() == 3, lambda: "grad_dot: feats must be [B, F, P]")
