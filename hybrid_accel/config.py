@@ -68,6 +68,7 @@ class DataConfig:
     synthetic_size: int = 64  # synthetic image side in pixels
     synthetic_strong: int = 16  # synthetic strong (exactly annotated) train images
     synthetic_seed: int = 0  # seed of the synthetic images and weak masks
+    synthetic_faint: float = 0.35  # share of barely visible synthetic polyps (2-8% colour change)
 
 
 @dataclass
@@ -453,6 +454,8 @@ def validate_config(cfg: Config) -> None:
         p.append("eval.every and checkpoint.every must be >= 0, log.every > 0")
     if cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least the last checkpoint")
+    if not 0 <= cfg.data.synthetic_faint <= 1:
+        p.append(f"data.synthetic_faint={cfg.data.synthetic_faint}: a share of polyps, in [0, 1]")
     if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) <= 0:
         p.append(f"data.image_size={cfg.data.image_size}: [H, W] with positive sizes")
     if m.dii and cfg.data.train_on != "hybrid":

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
+from .data.synthetic import FAINT
 from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
 from .dii import DIIUpdater, GammaState, due
 from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
@@ -92,6 +93,8 @@ def _synthetic_root(cfg: Config) -> Path:
     d = cfg.data
     key = (d.synthetic_kind, d.synthetic_n_train, d.synthetic_n_val, d.synthetic_n_test, d.synthetic_size,
            d.synthetic_strong, d.synthetic_seed, 1)
+    if d.synthetic_kind == "polyp" and d.synthetic_faint != FAINT:  # folders made before the option keep their name
+        key += (d.synthetic_faint,)
     if d.synthetic_dir:
         return Path(d.synthetic_dir).expanduser()
     base = Path(os.environ.get("HYBRID_ACCEL_CACHE", Path.home() / ".cache" / "hybrid_accel"))
@@ -129,7 +132,7 @@ def prepare_data(cfg: Config, accelerator: Any) -> Path:
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         make_synthetic_hybrid(tmp, kind=d.synthetic_kind, n_train=d.synthetic_n_train, n_val=d.synthetic_n_val,
                               n_test=d.synthetic_n_test, size=d.synthetic_size, strong_count=d.synthetic_strong,
-                              seed=d.synthetic_seed, workers=min(2, os.cpu_count() or 1))
+                              seed=d.synthetic_seed, workers=min(2, os.cpu_count() or 1), faint=d.synthetic_faint)
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, root)  # whole folder at once; a concurrent writer's copy is equivalent

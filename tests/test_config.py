@@ -100,10 +100,14 @@ def test_shipped_configs_load_and_validate():
     for f in files:
         cfg = load_config(f)
         validate_config(cfg)
-    polyp = load_config(CONFIGS / "polyp.yaml")
-    assert polyp.model.backbone == "resnet50" and polyp.train.batch_size == 16
-    assert polyp.optim.lr == 0.002 and polyp.optim.momentum == 0.9 and polyp.optim.weight_decay == 5e-5
-    assert polyp.dii.tau == 400 and polyp.dii.lr == 0.1 and polyp.method.lambda_ == 4
+    paper = load_config(CONFIGS / "polyp-paper.yaml")
+    assert paper.model.backbone == "resnet50" and paper.train.batch_size == 16
+    assert paper.optim.lr == 0.002 and paper.optim.momentum == 0.9 and paper.optim.weight_decay == 5e-5
+    assert paper.dii.tau == 400 and paper.dii.lr == 0.1 and paper.method.lambda_ == 4
+    assert paper.method.strong_warmup == 0 and paper.dii.init == 0.5 and paper.optim.name == "sgd"
+    polyp = load_config(CONFIGS / "polyp.yaml")  # the recommended setting on top of the paper's
+    assert polyp.model.pretrained == "imagenet" and polyp.method.strong_warmup > 0 and polyp.dii.init == 0.1
+    assert polyp.method.lambda_ == 4 and polyp.train.steps == paper.train.steps
     assert isinstance(Config(), Config)
 
 

@@ -182,3 +182,30 @@ def test_use_true_masks_loads_exact_masks(tmp_path):
         assert np.array_equal(true_ds[i]["mask"].numpy(), exact)
         assert true_ds[i]["kind"] == 1 and true_ds[i]["weak_index"] == i
     assert any(not np.array_equal(weak_ds[i]["mask"], true_ds[i]["mask"]) for i in range(len(weak_ds)))
+
+
+def test_faint_share_changes_only_the_polyps_contrast():
+    # data.synthetic_faint: the same frames and masks, only the polyps' colour change differs
+    from hybrid_accel.data.synthetic import polyp_sample
+
+    contrast = []
+    for faint in (0.0, 1.0):
+        imgs, masks = zip(*(synthetic_sample("polyp", 2, i, (48, 48), faint=faint) for i in range(8)))
+        contrast.append(imgs)
+        if faint == 0.0:
+            masks0 = masks
+        else:
+            assert all(np.array_equal(a, b) for a, b in zip(masks0, masks))
+
+    def polyp_gap(img, m):  # mean colour distance between polyp and the rest
+        m = m.astype(bool)
+        if not m.any() or m.all():
+            return np.nan
+        return float(np.abs(img[m].mean(0) - img[~m].mean(0)).sum())
+
+    clear = np.nanmean([polyp_gap(i, m) for i, m in zip(contrast[0], masks0)])
+    faint = np.nanmean([polyp_gap(i, m) for i, m in zip(contrast[1], masks0)])
+    assert clear > faint
+    with pytest.raises(ValueError, match="faint"):
+        synthetic_sample("polyp", 0, 0, (16, 16), faint=1.5)
+    assert polyp_sample(np.random.default_rng(0), (16, 16))[0].shape == (16, 16, 3)

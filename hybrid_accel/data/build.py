@@ -43,7 +43,7 @@ from .manifest import (
     write_meta,
 )
 from .synthetic import KINDS as SYNTH_KINDS
-from .synthetic import synthetic_sample
+from .synthetic import FAINT, synthetic_sample
 from .weak import WeakSpec, simulate, weak_quality
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -134,9 +134,9 @@ def _pool_map(fn, jobs: list, workers: int | None, progress: bool, desc: str) ->
 
 def _synth_one(
     kind: str, seed: int, index: int, size: tuple[int, int], root: str, split: str, row_kind: str,
-    weak_type: str, severity: float, ignore_index: int, image_ext: str,
+    weak_type: str, severity: float, ignore_index: int, image_ext: str, faint: float = FAINT,
 ) -> dict[str, Any]:
-    img, exact = synthetic_sample(kind, seed, index, size)
+    img, exact = synthetic_sample(kind, seed, index, size, faint)
     name = f"{index:06d}"
     rootp = Path(root)
     image_path = rootp / "images" / f"{name}{image_ext}"
@@ -165,6 +165,7 @@ def make_synthetic_hybrid(
     image_format: str = "jpg",
     workers: int | None = None,
     progress: bool = False,
+    faint: float = FAINT,
 ) -> Path:
     """Write a ready hybrid synthetic dataset to ``root``; return the manifest's path.
 
@@ -173,7 +174,8 @@ def make_synthetic_hybrid(
     ``drop_fraction`` of them dropped to background); val and test images are strong. Every row
     records its exact mask as ``true_mask``; weak rows also record the weak mask's true IoU and
     Dice. ``weak=None`` makes every image strong (a fully annotated dataset). Image ``i`` is the
-    same whatever the counts, so datasets of different sizes from one seed are nested.
+    same whatever the counts, so datasets of different sizes from one seed are nested. ``faint``:
+    share of barely visible polyps (:func:`hybrid_accel.data.synthetic.polyp_sample`).
 
     Defaults that depend on ``kind`` (:data:`WEAK_DEFAULTS`): ``weak="auto"`` is ``ellipse``
     for polyps and ``scribble`` for AS-OCT (an ellipse or box around a curved corneal band is
@@ -199,7 +201,7 @@ def make_synthetic_hybrid(
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     for i, split in enumerate(splits):
         row_kind, wt, sev = train_plan[i] if split == "train" else ("strong", "", math.nan)
-        jobs.append((kind, seed, i, size, str(root), split, row_kind, wt, sev, ignore_index, ext))
+        jobs.append((kind, seed, i, size, str(root), split, row_kind, wt, sev, ignore_index, ext, faint))
     records = _pool_map(_synth_one, jobs, workers, progress, f"synth {kind}")
     meta = {
         "name": f"synthetic-{kind}",
@@ -210,7 +212,7 @@ def make_synthetic_hybrid(
         "source": {"synthetic": kind, "seed": seed, "size": list(size), "n_train": n_train, "n_val": n_val,
                    "n_test": n_test, "strong": sum(r["kind"] == "strong" for r in records if r["split"] == "train"),
                    "weak": None if spec is None else str(weak), "severity": str(severity),
-                   "drop_fraction": drop_fraction},
+                   "drop_fraction": drop_fraction, **({"faint": faint} if kind == "polyp" else {})},
     }
     write_meta(root, meta)
     return write_manifest(root, records)

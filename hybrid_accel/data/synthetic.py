@@ -63,8 +63,17 @@ def _blob(rng, yy, xx, cy, cx, r0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rad - rho, rho / rad, ang
 
 
-def polyp_sample(rng: np.random.Generator, size: tuple[int, int] = (256, 256)) -> tuple[np.ndarray, np.ndarray]:
-    """One endoscopy-like RGB frame (uint8 [H, W, 3]) and its binary polyp mask (uint8 [H, W])."""
+FAINT = 0.35  # default share of polyps whose colour differs from the mucosa by only 2-8%
+
+
+def polyp_sample(
+    rng: np.random.Generator, size: tuple[int, int] = (256, 256), faint: float = FAINT
+) -> tuple[np.ndarray, np.ndarray]:
+    """One endoscopy-like RGB frame (uint8 [H, W, 3]) and its binary polyp mask (uint8 [H, W]).
+
+    ``faint``: probability that a polyp's colour change is faint (2-8%, barely visible) rather than
+    clear (8-30%). The random draws do not depend on it, so a frame differs between two values only
+    in the contrast of the polyps that switch group."""
     h, w = size
     s = min(h, w)
     yy, xx = _grid(h, w)
@@ -103,7 +112,7 @@ def polyp_sample(rng: np.random.Generator, size: tuple[int, int] = (256, 256)) -
         mask[y0:y1, x0:x1] |= inside
         # Appearance: a small (sometimes tiny) colour change, dome shading lit from one side,
         # a faint shadow rim on the far side and its own fine texture.
-        contrast = rng.choice([rng.uniform(0.02, 0.08), rng.uniform(0.08, 0.3)], p=[0.35, 0.65])
+        contrast = rng.choice([rng.uniform(0.02, 0.08), rng.uniform(0.08, 0.3)], p=[faint, 1.0 - faint])
         tint = np.array([1.0, 1.0, 1.0], dtype=np.float32) + contrast * np.array(
             [rng.uniform(-0.2, 0.4), rng.uniform(-0.6, 0.1), rng.uniform(-0.5, 0.3)], dtype=np.float32
         )
@@ -210,10 +219,16 @@ def asoct_sample(rng: np.random.Generator, size: tuple[int, int] = (256, 256)) -
 GENERATORS = {"polyp": polyp_sample, "asoct": asoct_sample}
 
 
-def synthetic_sample(kind: str, seed: int, index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Image ``index`` of the synthetic dataset ``(kind, seed)``: the same for any dataset size."""
+def synthetic_sample(
+    kind: str, seed: int, index: int, size: tuple[int, int], faint: float = FAINT
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``index`` of the synthetic dataset ``(kind, seed)``: the same for any dataset size.
+    ``faint``: the polyp generator's share of barely visible polyps (ignored for AS-OCT)."""
     try:
         gen = GENERATORS[kind]
     except KeyError:
         raise ValueError(f"unknown synthetic kind {kind!r}; choose from {', '.join(GENERATORS)}") from None
-    return gen(np.random.default_rng([seed, 0, index]), size)
+    if not 0.0 <= faint <= 1.0:
+        raise ValueError(f"faint={faint}: a share of polyps, in [0, 1]")
+    rng = np.random.default_rng([seed, 0, index])
+    return gen(rng, size, faint) if kind == "polyp" else gen(rng, size)
