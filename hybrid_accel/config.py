@@ -53,7 +53,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str | None = None  # dataset folder with manifest.csv; null = generate a synthetic one (below)
-    image_size: list[int] = field(default_factory=lambda: [64, 64])  # network input (H, W); images are resized
+    image_size: list[int] = field(default_factory=lambda: [128, 128])  # network input (H, W); images are resized
     augment: bool = True  # random zoom/rotation/shift, flips, colour jitter on training images
     train_on: str = "hybrid"  # hybrid | strong | weak | full (full: every train image with its exact mask)
     ignore_index: int = 255  # label value that never counts in a loss
@@ -65,16 +65,16 @@ class DataConfig:
     synthetic_n_train: int = 160  # synthetic train images (strong + weak)
     synthetic_n_val: int = 24  # synthetic validation images (exact masks)
     synthetic_n_test: int = 48  # synthetic test images (exact masks)
-    synthetic_size: int = 64  # synthetic image side in pixels
+    synthetic_size: int = 128  # synthetic image side in pixels
     synthetic_strong: int = 16  # synthetic strong (exactly annotated) train images
     synthetic_seed: int = 0  # seed of the synthetic images and weak masks
-    synthetic_faint: float = 0.35  # share of barely visible synthetic polyps (2-8% colour change)
+    synthetic_faint: float = 0.1  # share of barely visible synthetic polyps (2-8% colour change; the generator's own default: 0.35)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm backbone with features_only (paper: resnet50)
-    pretrained: str | None = None  # imagenet (pip weights: tf_efficientnet_lite0/1/2) | a local weight file | timm (download) | null = random init
+    backbone: str = "tf_efficientnet_lite0"  # any timm backbone with features_only (paper: resnet50)
+    pretrained: str | None = "imagenet"  # imagenet (pip weights: tf_efficientnet_lite0/1/2) | a local weight file | timm (download) | null = random init
     output_stride: int = 16  # stride of the feature ASPP reads: 8, 16 or 32
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])  # ASPP dilation rates
     decoder_channels: int = 64  # width F of ASPP/decoder = classifier input channels (paper: 256)
@@ -86,15 +86,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (the paper's) | adamw (faster from random weights)
-    lr: float = 0.05  # learning rate at step 0 (paper, SGD: 0.002, with ImageNet weights; AdamW: try 1e-3)
+    name: str = "adamw"  # adamw | sgd (the paper's)
+    lr: float = 3e-4  # learning rate of the encoder at step 0 (paper, SGD: 0.002)
     momentum: float = 0.9  # SGD momentum (paper: 0.9); AdamW uses (momentum, 0.999) as its betas
     weight_decay: float = 5e-5  # weight decay (paper: 5e-5); decoupled under AdamW
     schedule: str = "poly"  # poly: lr * (1 - t/steps)^power | cosine | constant
     power: float = 0.9  # exponent of the poly schedule
     warmup_steps: int = 0  # linear learning-rate warm-up steps before the schedule
     grad_clip: float | None = None  # clip the global gradient norm to this value; null = off
-    head_lr_mult: float = 1.0  # learning rate of ASPP, decoder and classifier relative to the encoder's (authors' code: 10)
+    head_lr_mult: float = 10.0  # learning rate of ASPP, decoder and classifier relative to the encoder's (authors' code: 10; paper: 1)
 
 
 @dataclass
@@ -105,22 +105,22 @@ class MethodConfig:
     paste: str = "foreground"  # DCR mixing: foreground (paste a class region of x_i) | cutmix (random box)
     pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
     lambda_: float = 4.0  # weight of the DCR regularisation term (paper: 4)
-    lambda_warmup: int = 0  # ramp lambda linearly from 0 over this many steps after strong_warmup (paper: none, 0)
-    dcr_supervision: str = "split"  # split: net 1 learns x_i, net 2 x_j (Eq. 7) | both: each net learns both (authors' code)
-    strong_warmup: int = 0  # first steps on exact masks only (no weak image, no DCR term, no gamma update); 0 = off (paper)
+    lambda_warmup: int = 50  # ramp lambda linearly from 0 over this many steps after strong_warmup (paper: none, 0)
+    dcr_supervision: str = "both"  # both: each net learns x_i and x_j (authors' code) | split: net 1 learns x_i, net 2 x_j (Eq. 7)
+    strong_warmup: int = 150  # first steps on exact masks only (no weak image, no DCR term, no gamma update); paper: 0
 
 
 @dataclass
 class DIIConfig:
-    tau: int = 20  # network steps between two gamma updates (paper: 400)
+    tau: int = 10  # network steps between two gamma updates (paper: 400)
     lr: float = 0.1  # Adam learning rate on gamma (paper: beta = 0.1)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas on gamma (paper: 0.9, 0.999)
     eps: float = 1e-8  # Adam epsilon on gamma
     clip: list[float] = field(default_factory=lambda: [0.0, 1.0])  # gamma clipped to [low, high] (paper: [0, 1])
-    init: float = 0.5  # initial gamma of every weak image (paper: 0.5)
+    init: float = 0.1  # initial gamma of every weak image (paper: 0.5)
     warmup: int = 0  # no gamma update before this step (the authors' code: 400)
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
-    score: str = "paper"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature (not in the paper)
+    score: str = "centred"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature (not in the paper)
     lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
@@ -129,7 +129,7 @@ class DIIConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300  # optimiser steps (each one batch per sampler and process, times grad_accum)
+    steps: int = 350  # optimiser steps (each one batch per sampler and process, times grad_accum)
     batch_size: int = 8  # images per sampler, per process and micro-step (paper: 16)
     grad_accum: int = 1  # micro-batches accumulated per optimiser step
     mixed_precision: str | None = None  # no | bf16 | fp16; null = from the accelerate config / launch flags
@@ -139,7 +139,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 100  # validation every this many steps (0 = only at the end)
+    every: int = 50  # validation every this many steps (0 = only at the end)
     batch_size: int = 16  # images per process and step in evaluation
     metric: str = "mean_dice"  # validation metric that picks the best checkpoint (higher is better)
     model: str = "auto"  # network whose metric is tracked: auto (ensemble with DCR, else the net) or a name

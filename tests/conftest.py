@@ -22,3 +22,12 @@ def fresh_accelerate_state(one_torch_thread):
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# The trainer's settings before the recommended start became the default (issue 12/14): tiny networks
+# trained from scratch in a few steps, which the training tests were designed around. Imported by the
+# test modules (pytest puts this folder on sys.path).
+SCRATCH = [
+    "model.pretrained=null", "method.strong_warmup=0", "method.lambda_warmup=0", "method.dcr_supervision=split",
+    "optim.name=sgd", "optim.lr=0.05", "optim.head_lr_mult=1", "dii.init=0.5", "dii.score=paper", "dii.tau=20",
+]

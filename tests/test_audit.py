@@ -9,6 +9,7 @@ import torch
 from hybrid_accel import audit
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
+from conftest import SCRATCH
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,7 +30,7 @@ def run_dir(tmp_path_factory):
         true = read_mask(r["true_mask"]).astype(np.int64)
         write_mask(r["mask"], true if k % 2 == 0 else np.where(true == 255, 255, 1 - true))
     cfg = load_config(None, [
-        f"data.root={root}", f"out_dir={tmp}", "name=inv", "model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=16",
+        f"data.root={root}", f"out_dir={tmp}", "name=inv", "model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=16",
         "model.aspp_rates=[1,2,3]", "data.image_size=32", "train.batch_size=4", "log.tracking=none",
         "log.progress=false", "eval.every=0", "eval.overlays=0", "method.dcr=false", "method.dii_sampling=false",
         "train.steps=9", "dii.tau=3", "data.check=false", "optim.lr=0.01", "checkpoint.every=0",

@@ -123,7 +123,7 @@ def test_optimizer_choice():
     from hybrid_accel.train import make_optimizer
 
     nets = [torch.nn.Linear(3, 1)]
-    sgd = make_optimizer(nets, load_config(None, ["optim.lr=0.02", "optim.momentum=0.8"]))
+    sgd = make_optimizer(nets, load_config(None, ["optim.name=sgd", "optim.lr=0.02", "optim.momentum=0.8"]))
     assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.8 and sgd.defaults["lr"] == 0.02
     adamw = make_optimizer(nets, load_config(None, ["optim.name=adamw", "optim.lr=1e-3", "optim.momentum=0.85",
                                                     "optim.weight_decay=0.01"]))

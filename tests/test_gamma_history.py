@@ -7,6 +7,7 @@ import pytest
 
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
+from conftest import SCRATCH
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 def _cfg(root, out, *extra):
     return load_config(None, [
-        f"data.root={root}", f"out_dir={out}", "name=gh", "model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=8",
+        f"data.root={root}", f"out_dir={out}", "name=gh", "model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=8",
         "model.aspp_rates=[1,2,3]", "data.image_size=32", "train.batch_size=4", "log.tracking=none",
         "log.progress=false", "eval.every=0", "eval.overlays=0", "method.dcr=false", "train.steps=6", "dii.tau=2",
         "data.check=false", "checkpoint.every=2", *extra,

@@ -8,13 +8,14 @@ import pytest
 import yaml
 
 from hybrid_accel import reproduce as rp
+from conftest import SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = ["model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=8", "model.aspp_rates=[1,2,3]", "data.image_size=32",
+TINY = ["model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=8", "model.aspp_rates=[1,2,3]", "data.image_size=32",
         "train.batch_size=4", "train.steps=4", "dii.tau=2", "dii.warmup=0", "eval.every=2", "eval.overlays=0",
         "checkpoint.every=0", "data.check=false", "train.cpu=true"]
 

@@ -13,11 +13,12 @@ import torch
 from hybrid_accel import checkpoint as ckpt
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
+from conftest import SCRATCH
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 FAST = [
-    "model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
+    "model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
     "train.batch_size=4", "log.tracking=none", "log.progress=false", "eval.overlays=0", "dii.scan_batch_size=16",
     "eval.batch_size=8", "log.every=1", "dii.strong_batches=0", "eval.every=0", "eval.test_on=last",
 ]

@@ -9,12 +9,13 @@ import torch
 from hybrid_accel import checkpoint as ckpt
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
+from conftest import SCRATCH
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 # tiny and fast: a 4-block ResNet at 32 px with a 16-channel decoder
 FAST = [
-    "model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
+    "model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
     "train.batch_size=4", "log.tracking=none", "log.progress=false", "eval.overlays=0", "dii.scan_batch_size=16",
     "eval.batch_size=8", "log.every=2", "dii.strong_batches=0",
 ]

@@ -6,6 +6,7 @@ import pytest
 
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
+from conftest import SCRATCH
 
 
 
@@ -33,7 +34,7 @@ def test_gamma_separates_clean_from_inverted_labels(tmp_path):
     make_synthetic_hybrid(root, "polyp", n_train=20, n_val=2, n_test=2, size=32, strong_count=4, seed=3, workers=1)
     clean = _clean_and_inverted(root)
     cfg = load_config(None, [
-        f"data.root={root}", f"out_dir={tmp_path}", "name=inv", "model.backbone=resnet10t", "model.pretrained=null",
+        f"data.root={root}", f"out_dir={tmp_path}", "name=inv", "model.backbone=resnet10t", *SCRATCH,
         "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32", "train.batch_size=4",
         "log.tracking=none", "log.progress=false", "eval.every=0", "eval.overlays=0", "method.dcr=false",
         "train.steps=9", "dii.tau=3", "data.check=false", "optim.lr=0.01",

@@ -12,11 +12,12 @@ import torch
 
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
+from conftest import SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
 FAST = [
-    "model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
+    "model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32",
     "train.batch_size=4", "log.tracking=none", "log.progress=false", "eval.overlays=0", "dii.scan_batch_size=8",
     "eval.batch_size=4",
 ]
@@ -83,7 +84,7 @@ def test_default_command_prints_test_metrics(tmp_path):
     cmd = [sys.executable, "-m", "hybrid_accel.train", f"out_dir={tmp_path / 'runs'}", "train.steps=4",
            "dii.tau=2", "eval.every=2", "checkpoint.every=2", "data.synthetic_n_train=24", "data.synthetic_n_val=4",
            "data.synthetic_n_test=4", "data.synthetic_size=32", "data.synthetic_strong=4", "data.image_size=32",
-           "model.backbone=resnet10t", "model.pretrained=null", "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "train.batch_size=4",
+           "model.backbone=resnet10t", *SCRATCH, "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "train.batch_size=4",
            "eval.overlays=2"]
     env = _env(HYBRID_ACCEL_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", WANDB_DIR=str(tmp_path),
                WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
