@@ -571,21 +571,42 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     return result
 
 
-def _set_cpu_threads(cfg: Config, accelerator: Any) -> None:
-    """torch's CPU threads: ``train.cpu_threads``, or 1 when the CPU is oversubscribed.
+def cpu_thread_count(requested: int, processes: int, load: float, cores: int) -> int:
+    """torch CPU threads per process: ``requested`` when set, else the physical cores shared among the
+    processes, or 1 when the CPU is already busy (load above half the cores).
 
     OpenMP threads that share cores with other busy processes wait on each other: on a loaded
     2-core machine two threads per process ran 20x slower than one (benchmarks/RESULTS.md, section 2.2).
-    """
-    if cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
+    ``accelerate launch`` exports OMP_NUM_THREADS=1 when it is not set, which on an idle CPU leaves
+    all but one core unused, hence the count is set here rather than inherited."""
+    if requested:
+        return requested
+    if load > 0.5 * cores:
+        return 1
+    return max(1, cores // max(1, processes))
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        n = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # a container or taskset may allow fewer
+        n = min(n, len(os.sched_getaffinity(0)))
+    return max(1, n)
+
+
+def _set_cpu_threads(cfg: Config, accelerator: Any) -> None:
+    """Set torch's CPU threads (``train.cpu_threads``; 0 = :func:`cpu_thread_count`'s choice)."""
+    if accelerator.device.type != "cpu" and not cfg.train.cpu_threads:
         return
-    if accelerator.device.type != "cpu" or torch.get_num_threads() == 1:
-        return
-    cores = os.cpu_count() or 1
+    cores = _physical_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if accelerator.num_processes * torch.get_num_threads() > cores or load > 0.5 * cores:
-        torch.set_num_threads(1)
+    n = cpu_thread_count(cfg.train.cpu_threads, accelerator.num_processes, load, cores)
+    torch.set_num_threads(n)
+    if n == 1 and not cfg.train.cpu_threads and cores > 1:
         _say(accelerator, f"CPU busy (load {load:.1f} on {cores} cores, {accelerator.num_processes} process(es)): "
                           "using 1 torch thread per process (set train.cpu_threads to choose)")
 

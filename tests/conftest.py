@@ -30,4 +30,5 @@ def fresh_accelerate_state(one_torch_thread):
 SCRATCH = [
     "model.pretrained=null", "method.strong_warmup=0", "method.lambda_warmup=0", "method.dcr_supervision=split",
     "optim.name=sgd", "optim.lr=0.05", "optim.head_lr_mult=1", "dii.init=0.5", "dii.score=paper", "dii.tau=20",
+    "train.cpu_threads=1",
 ]

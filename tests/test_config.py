@@ -147,3 +147,13 @@ def test_head_lr_mult_groups_encoder_apart_from_the_rest():
     assert {id(p) for p in head["params"]} == rest and id(nets[1].classifier.weight) in rest
     with pytest.raises(ConfigError, match="head_lr_mult"):
         validate_config(load_config(None, ["optim.head_lr_mult=0"]))
+
+
+def test_cpu_thread_count():
+    from hybrid_accel.train import cpu_thread_count
+
+    assert cpu_thread_count(3, processes=1, load=5.0, cores=2) == 3  # train.cpu_threads wins
+    assert cpu_thread_count(0, processes=1, load=0.2, cores=2) == 2  # idle: every core (not accelerate's 1)
+    assert cpu_thread_count(0, processes=2, load=0.2, cores=8) == 4  # shared among the processes
+    assert cpu_thread_count(0, processes=4, load=0.0, cores=2) == 1
+    assert cpu_thread_count(0, processes=1, load=1.5, cores=2) == 1  # busy: one thread
