@@ -25,6 +25,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYBRID_ACCEL_BACKEND=auto
+# ImageNet weights (model.pretrained=imagenet) without the pip package on the device: convert them here
+# once (python -c "from hybrid_accel.weights import imagenet_weights as w; w('tf_efficientnet_lite0', '.cache/hybrid_accel/weights')")
+# and carry .cache/hybrid_accel with the tree; the trainer reads the cached file before looking for the package.
+export HYBRID_ACCEL_CACHE=${HYBRID_ACCEL_CACHE:-$PWD/.cache/hybrid_accel}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 DEV=cuda
 BUILD_CUDA=1
@@ -129,7 +133,13 @@ if has amp; then
 fi
 if has repro && [ -f benchmarks/reproduce.py ]; then
   stamp "reproduce: gpu preset"
-  timeout 540 $PY benchmarks/reproduce.py --preset gpu --out /tmp/ha_repro > "$OUT/reproduce.log" 2>&1
+  if [ "$DEV" = cpu ]; then  # a dry run of the whole pipeline: tiny step count and image size
+    timeout 540 $PY benchmarks/reproduce.py --preset gpu --out /tmp/ha_repro_cpu --jobs 1 --methods full few-strong \
+      -- train.steps=4 method.strong_warmup=2 dii.tau=1 eval.every=2 train.batch_size=2 "data.image_size=[64,80]" \
+      'train.mixed_precision="no"' data.num_workers=0 train.cpu=true > "$OUT/reproduce.log" 2>&1
+  else
+    timeout 540 $PY benchmarks/reproduce.py --preset gpu --out /tmp/ha_repro > "$OUT/reproduce.log" 2>&1
+  fi
   stamp "reproduce rc=$?"
 fi
 stamp "done"
