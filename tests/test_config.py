@@ -157,3 +157,20 @@ def test_cpu_thread_count():
     assert cpu_thread_count(0, processes=2, load=0.2, cores=8) == 4  # shared among the processes
     assert cpu_thread_count(0, processes=4, load=0.0, cores=2) == 1
     assert cpu_thread_count(0, processes=1, load=1.5, cores=2) == 1  # busy: one thread
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.output_stride=7", "model.output_stride=7: choose 8, 16 or 32"),
+    ("model.backbone=resnet_18", "did you mean"),
+    ("model.pretrained=/no/such/weights.safetensors", "no such file"),
+])
+def test_model_settings_checked_before_training(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(load_config(None, [override]))
+
+
+def test_imagenet_needs_a_backbone_with_pip_weights():
+    with pytest.raises(ConfigError, match="model.pretrained=imagenet: available for tf_efficientnet_lite0"):
+        validate_config(load_config(None, ["model.backbone=resnet18"]))
+    validate_config(load_config(None, ["model.backbone=resnet18", "model.pretrained=null"]))
+    validate_config(load_config(None, []))  # the defaults: lite0 with its installed weights

@@ -7,8 +7,10 @@ are named; user errors end in one line and exit code 2.
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hybrid_accel import checkpoint as ckpt
 from hybrid_accel import train as trainer
@@ -426,6 +428,24 @@ def test_check_and_train_name_jpeg_noise_masks(tiny_data, tmp_path, capsys, fres
     assert trainer.main(argv) == 2
     err = capsys.readouterr().err
     assert rec["mask"] in err and "threshold:128" in err and "saved lossy" in err
+
+
+# ------------------------------------------------------------------ 11: warnings, not silence
+def test_training_warns_of_empty_splits_and_unmapped_binary_masks(tmp_path, capsys, fresh_accelerate_state):
+    from hybrid_accel.data import load_manifest, make_synthetic_hybrid, read_mask
+
+    data = tmp_path / "data"
+    make_synthetic_hybrid(data, "polyp", n_train=12, n_val=0, n_test=0, size=32, strong_count=4, seed=0, workers=1,
+                          image_format="png")
+    for r in load_manifest(data).records:  # 0/255 masks, never mapped: they would train nothing
+        Image.fromarray((read_mask(r["mask"]) * 255).astype(np.uint8)).save(r["mask"])
+    argv = FAST + [f"data.root={data}", f"out_dir={tmp_path / 'runs'}", "name=w", "train.steps=1", "method.dii=false",
+                   "method.dii_sampling=false"]
+    assert trainer.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no val images: no best checkpoint is picked and the final test uses the last weights" in out
+    assert "no test images: the run ends without a test evaluation" in out
+    assert "0/255 binary masks, set mask_mapping 0:0,255:1" in out
 
 
 # ------------------------------------------------------------------ 12: output that scales
