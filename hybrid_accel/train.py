@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
+from .data import KIND_STRONG
 from .data.synthetic import FAINT
 from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
 from .dii import DIIUpdater, GammaState, due
@@ -386,7 +387,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
     keyed = KeyedDataset(train_ds)
 
     warmup = cfg.method.strong_warmup
-    strong_only = (train_ds.kinds == 0).astype(np.float64)  # the samplers' weights during strong_warmup
+    strong_only = (train_ds.kinds == KIND_STRONG).astype(np.float64)  # the samplers' weights during strong_warmup
 
     def primary_loader(step: int):
         if step < warmup:
