@@ -288,6 +288,14 @@ def evaluate(
             x = batch["image"].to(device, non_blocking=True)
             y = batch["mask"].cpu().numpy()
             idx = batch["index"].cpu().numpy().astype(np.int64)
+            stray = (y >= num_classes) & (y != ignore_index)
+            if stray.any():  # a value such as 128 in a 0/1 mask would silently count as background
+                b = int(np.flatnonzero(stray.reshape(len(y), -1).any(1))[0])
+                names = _image_names(dataset, idx[b:b + 1]) if dataset is not None else [str(idx[b])]
+                raise ValueError(
+                    f"the mask of {names[0]} holds the value {int(y[b][stray[b]][0])}, which is neither a class "
+                    f"(0..{num_classes - 1}) nor the ignore value {ignore_index}: map the mask values "
+                    "(dataset.yaml mask_mapping, e.g. 0:0,255:1) or fix the mask")
             probs = {}
             with autocast_ctx():
                 for name, m in models.items():

@@ -475,3 +475,32 @@ def test_evaluate_user_errors_are_one_line(run, tiny_data, tmp_path, capsys):
         assert evaluate.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and names in err and "Traceback" not in err
+
+
+def test_evaluate_refuses_a_mask_value_that_is_no_class(run, tiny_data, tmp_path, capsys):
+    from hybrid_accel import evaluate
+    from hybrid_accel.data import load_manifest, read_mask
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    rec = next(r for r in load_manifest(data).records if r["split"] == "test")
+    m = read_mask(rec["mask"]).astype(np.uint8)
+    m[0, :4] = 128  # neither polyp (1), background (0) nor the ignore value (255)
+    Image.fromarray(m).save(rec["mask"])
+    assert evaluate.main(["--model", str(ckpt.latest_checkpoint(run)), "--data", str(data), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "value 128" in err and "mask_mapping" in err and rec["image"] in err and "Traceback" not in err
+
+
+def test_eval_batch_size_and_an_output_under_a_file(run, tiny_data, tmp_path, capsys):
+    from hybrid_accel import evaluate
+    from hybrid_accel.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="eval.batch_size=0: must be positive"):
+        validate_config(load_config(None, ["eval.batch_size=0"]))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = ["--model", str(ckpt.latest_checkpoint(run)), "--data", str(tiny_data), "--out", str(blocker / "eval")]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err and str(blocker) in err
