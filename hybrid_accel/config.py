@@ -465,6 +465,10 @@ def validate_config(cfg: Config) -> None:
         p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
     p += _eval_problems(cfg)
     p += _model_problems(cfg)
+    blocker = next((d for d in [Path(cfg.out_dir).expanduser(), *Path(cfg.out_dir).expanduser().parents]
+                    if d.is_file()), None)
+    if blocker is not None:
+        p.append(f"out_dir={cfg.out_dir}: {blocker} is a file, so no run folder can be made there; choose another out_dir")
     if p:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
 

@@ -317,12 +317,6 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                           "uses the last weights")
     if not len(ds["test"]):
         _say(accelerator, f"warning: {root} has no test images: the run ends without a test evaluation")
-    # only now, with config, checkpoint and data checked: a failed check leaves no run folder behind
-    # and a resumed run's config.yaml untouched
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     num_classes, ignore = train_ds.num_classes, cfg.data.ignore_index
     class_names = train_ds.manifest.meta.get("class_names")
     weak_rank = np.full(len(train_ds), -1, dtype=np.int64)
@@ -341,6 +335,12 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         nets.append(net)
     params = [p for n in nets for p in n.parameters()]
+    # only now, with config, checkpoint, data and weights checked: a failed check leaves no run folder behind
+    # and a resumed run's config.yaml untouched
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     optimizer = make_optimizer(nets, cfg)
     eval_loaders = {}
     for split in ("val", "test"):
@@ -755,9 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except Exception as e:
         from .data import DatasetError
+        from .model import WeightsError
 
         if isinstance(e, DatasetError):
             print(f"error: dataset problem:\n{e}", file=sys.stderr)
+            return 2
+        if isinstance(e, WeightsError):  # a model.pretrained file that does not fit or cannot be read
+            print(f"error: model.pretrained: {e}", file=sys.stderr)
             return 2
         raise
     finally:

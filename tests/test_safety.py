@@ -504,3 +504,19 @@ def test_eval_batch_size_and_an_output_under_a_file(run, tiny_data, tmp_path, ca
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "Traceback" not in err and str(blocker) in err
+
+
+def test_unloadable_weights_and_an_out_dir_under_a_file(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    argv = FAST + [f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}", "name=w", "train.steps=1",
+                   f"model.pretrained={bad}"]
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.pretrained:") and str(bad) in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "w").exists()  # nothing written before the weights loaded
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    argv = FAST + [f"data.root={tiny_data}", f"out_dir={blocker / 'runs'}", "name=w", "train.steps=1"]
+    assert trainer.main(argv) == 2
+    assert f"{blocker} is a file" in capsys.readouterr().err
