@@ -123,7 +123,8 @@ if has amp; then
   for mp in bf16 fp16; do
     stamp "amp: 200 trainer steps under $mp"
     [ "$DEV" = cpu ] && steps=4 || steps=200
-    timeout 100 $PY -m hybrid_accel.train train.steps=$steps train.mixed_precision=$mp log.tracking=none \
+    timeout 100 $PY -m hybrid_accel.train train.steps=$steps method.strong_warmup=$((steps / 2)) \
+      train.mixed_precision=$mp log.tracking=none \
       log.progress=false eval.every=100000 checkpoint.every=100000 dii.tau=50 train.batch_size=8 \
       data.synthetic_dir=/tmp/ha_amp_data data.synthetic_size=128 'data.image_size=[128,128]' \
       out_dir=/tmp/ha_amp_$mp >> "$OUT/amp.log" 2>&1

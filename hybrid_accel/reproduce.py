@@ -409,7 +409,7 @@ def format_tables(summary: dict) -> str:
                                                     ("gamma_kept_mean", 3), ("gamma_low_frac", 2),
                                                     ("gamma_high_frac", 2))]
             lines.append(f"| {BY_KEY[k].label} | " + " | ".join(cells) + " |")
-    lines += ["", "Targets (issue 6):", ""]
+    lines += ["", "Targets (issue 14):", ""]
     for t in summary["targets"]:
         state = {True: "MET", False: "MISSED", None: "not measured"}[t["met"]]
         val = f"{t['value']:+.2f}" if np.isfinite(t["value"]) else "n/a"
