@@ -32,3 +32,21 @@ SCRATCH = [
     "optim.name=sgd", "optim.lr=0.05", "optim.head_lr_mult=1", "dii.init=0.5", "dii.score=paper", "dii.tau=20",
     "train.cpu_threads=1",
 ]
+
+
+def train_isolated(cfg):
+    """Run the trainer in this process for a module-scoped fixture: one torch thread during the run,
+    then the thread count and accelerate's process-wide singletons restored (the function-scoped
+    ``fresh_accelerate_state`` fixture cannot serve a module-scoped one)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hybrid_accel import train as trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return trainer.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

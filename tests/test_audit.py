@@ -4,12 +4,10 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 from hybrid_accel import audit
-from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
-from conftest import SCRATCH
+from conftest import SCRATCH, train_isolated
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -17,8 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     from hybrid_accel.data import load_manifest, make_synthetic_hybrid, read_mask, write_mask
 
     tmp = tmp_path_factory.mktemp("audit")
@@ -35,14 +31,7 @@ def run_dir(tmp_path_factory):
         "log.progress=false", "eval.every=0", "eval.overlays=0", "method.dcr=false", "method.dii_sampling=false",
         "train.steps=9", "dii.tau=3", "data.check=false", "optim.lr=0.01", "checkpoint.every=0",
     ])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer.train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    train_isolated(cfg)
     return tmp / "inv"
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from hybrid_accel import checkpoint as ckpt
 from hybrid_accel import train as trainer
 from hybrid_accel.config import load_config
-from conftest import SCRATCH
+from conftest import SCRATCH, train_isolated
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -52,20 +52,11 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     """A DII + DCR run with checkpoints at steps 1 and 2 (and no gamma.csv: it stops early)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, FAST + [f"data.root={tiny_data}", f"out_dir={out}", "name=r", "train.steps=3",
                                     "dii.tau=1", "checkpoint.every=1", "checkpoint.keep_last=3",
                                     "debug.stop_after=2"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer.train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    train_isolated(cfg)
     return out / "r"
 
 
