@@ -3,9 +3,9 @@
     python benchmarks/bench_ops.py                    # sizes for the device found (cuda if present)
     python benchmarks/bench_ops.py --device cpu --preset cpu --out results.json
 
-dii_scores is the same computation end to end, from the features, logits and labels of one forward pass
-(full-resolution cross-entropy gradient pulled back through the bilinear upsampling included), where the
-vmap and loop baselines differentiate each instance's real loss.
+dii_scores (``hybrid_accel.dii``, built on grad_dot) is the same computation end to end, from the features,
+logits and labels of one forward pass (full-resolution cross-entropy gradient pulled back through the bilinear
+upsampling included), where the vmap and loop baselines differentiate each instance's real loss.
 
 grad_dot is measured at the classifier stage it replaces: given the classifier's input features
 ``h`` [B, F, P] and the logit gradients ``delta`` [B, C, P] of one backward pass, compute
@@ -37,6 +37,8 @@ import torch.utils.benchmark as tbench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hybrid_accel import ops  # noqa: E402
+from hybrid_accel.dcr import choose_paste_class  # noqa: E402
+from hybrid_accel.dii import dii_scores  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,7 +130,7 @@ def dii_variant(name, feats, logits, labels, W, b, ref_w, ref_b):
     """End to end, from one forward pass's features, logits and the labels to the scores s_k."""
     if name in ("ext", "twin"):
         backend = "ext" if name == "ext" else "torch"
-        return lambda: ops.dii_scores(feats, logits, labels, ref_w, ref_b, backend=backend)
+        return lambda: dii_scores(feats, logits, labels, ref_w, ref_b, backend=backend)
     from hybrid_accel.losses import per_instance_ce
 
     size = tuple(labels.shape[-2:])
@@ -178,7 +180,7 @@ def paste_inputs(B, K, C, H, W, dtype, device, seed=0):
     y = (((yy - cy) ** 2 + (xx - cx) ** 2) < (0.28 * min(H, W)) ** 2).long() * torch.randint(1, C, (B, 1, 1), generator=g)
     y = y.to(device)
     preds = [torch.randn(B, C, H, W, generator=g, dtype=dtype).to(device) for _ in range(4)]
-    cls = ops.choose_paste_class(y, C, generator=torch.Generator(device="cpu").manual_seed(seed))
+    cls = choose_paste_class(y, C, generator=torch.Generator(device="cpu").manual_seed(seed))
     return (x_i, x_j, y, cls, *preds)
 
 

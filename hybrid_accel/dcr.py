@@ -13,12 +13,12 @@ network, averaged over the batch.
 Order of operations (one forward pass per network over ``cat[x_i, x_j, x_m]``): the mixed image
 ``x_m`` must exist *before* the forward, while the pseudo labels need the forward's outputs. So
 :func:`make_mix` first builds the paste mask ``B`` and ``x_m`` (``B = (y_i == c)`` for a class ``c``
-drawn per sample, ``ops._ref.paste_mask_ref`` + ``torch.where``); after the forward,
-:func:`pseudo_labels` calls the fused ``ops.foreground_paste`` with the detached predictions on
-``x_i`` and ``x_j``: it recomputes the same mask from ``(y_i, c)`` and returns the pseudo labels (its
-``x_m`` output is the one already built; the extra write is negligible next to the forward). For
-the CutMix ablation the box mask is drawn before the forward and the pseudo labels come from
-``ops._ref.mix_with_mask_ref`` with that mask.
+drawn per sample by :func:`choose_paste_class`, ``ops.paste_mask`` + ``torch.where``); after the
+forward, :func:`pseudo_labels` calls the fused ``ops.foreground_paste`` with the detached predictions
+on ``x_i`` and ``x_j``: it recomputes the same mask from ``(y_i, c)`` and returns the pseudo labels
+(its ``x_m`` output is the one already built; the extra write is negligible next to the forward).
+For the CutMix ablation the box mask (:func:`cutmix_mask`) is drawn before the forward and the
+pseudo labels come from ``ops.mix_with_mask`` with that mask (:func:`cutmix_paste` does both).
 
 Supervision (``method.dcr_supervision``): ``split`` is Eq. 7 as written (network 1 learns ``x_i``,
 network 2 ``x_j``); ``both`` is the authors' code, each network learns both images,
@@ -37,10 +37,9 @@ import torch
 
 from . import ops
 from .losses import per_instance_ce, per_instance_kl, weighted_mean
-from .ops import _ref
 
 __all__ = ["Mix", "make_mix", "pseudo_labels", "dcr_loss", "dcr_forward", "single_loss", "warmup_loss",
-           "SUPERVISION"]
+           "choose_paste_class", "cutmix_mask", "cutmix_paste", "SUPERVISION"]
 
 SUPERVISION = ("split", "both")
 
@@ -49,6 +48,71 @@ class Mix(NamedTuple):
     x_m: torch.Tensor  # [B, K, H, W] mixed images
     mask: torch.Tensor  # [B, H, W] bool, True where x_m comes from x_i
     cls: torch.Tensor  # [B] pasted class (-1: none), or all -1 for CutMix
+
+
+def choose_paste_class(
+    y: torch.Tensor, num_classes: int, ignore_index: int = 255, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per sample, a class drawn uniformly among the non-background classes present in ``y``.
+
+    Ignore-value pixels never count. Returns int64 [B]; -1 where no foreground class is present.
+    """
+    if y.dim() != 3:
+        raise ValueError(f"choose_paste_class: `y` must be [B, H, W], got {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise TypeError(f"choose_paste_class: `y` must be an integer label map, got {y.dtype}")
+    if num_classes < 2:
+        raise ValueError(f"choose_paste_class: num_classes must be >= 2, got {num_classes}")
+    B = y.shape[0]
+    yl = y.reshape(B, -1).long()
+    valid = (yl >= 0) & (yl < num_classes) & (yl != ignore_index)
+    # one bincount over (sample, class) pairs: a [B, C] presence table without a Python loop
+    flat = (torch.arange(B, device=y.device).unsqueeze(1) * num_classes + yl)[valid]
+    present = torch.bincount(flat, minlength=B * num_classes).view(B, num_classes) > 0
+    present[:, 0] = False
+    n = present.sum(dim=1)
+    u = torch.rand(B, generator=generator, device="cpu" if generator is None else generator.device).to(y.device)
+    pick = torch.minimum((u * n).long(), (n - 1).clamp(min=0))  # index among present classes
+    rank = present.long().cumsum(dim=1) - 1  # rank of each present class
+    hit = present & (rank == pick.unsqueeze(1))
+    cls = torch.where(n > 0, hit.long().argmax(dim=1), torch.full_like(n, -1))
+    return cls
+
+
+def cutmix_mask(
+    B: int,
+    H: int,
+    W: int,
+    area=(0.25, 0.5),
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The CutMix ablation's mask: per sample one random box, bool [B, H, W] on ``device``.
+
+    The box covers a fraction of the image drawn uniformly from ``area``, with the image's aspect ratio.
+    """
+    dev = "cpu" if generator is None else generator.device
+    frac = area[0] + (area[1] - area[0]) * torch.rand(B, generator=generator, device=dev)
+    side = frac.sqrt()
+    bh = (side * H).round().long().clamp(1, H)
+    bw = (side * W).round().long().clamp(1, W)
+    top = (torch.rand(B, generator=generator, device=dev) * (H - bh + 1)).long()
+    left = (torch.rand(B, generator=generator, device=dev) * (W - bw + 1)).long()
+    rows = torch.arange(H).view(1, H, 1)
+    cols = torch.arange(W).view(1, 1, W)
+    mask = (
+        (rows >= top.view(B, 1, 1)) & (rows < (top + bh).view(B, 1, 1))
+        & (cols >= left.view(B, 1, 1)) & (cols < (left + bw).view(B, 1, 1))
+    )
+    return mask.to(device) if device is not None else mask
+
+
+def cutmix_paste(x_i, x_j, p1_i, p1_j, p2_i, p2_j, area=(0.25, 0.5), generator: torch.Generator | None = None):
+    """The CutMix ablation: the same outputs as ``ops.foreground_paste`` with a :func:`cutmix_mask` box
+    as the mask, ``(x_m, mask, y1_m, y2_m)``."""
+    B, _, H, W = x_i.shape
+    mask = cutmix_mask(B, H, W, area, generator, x_i.device)
+    return ops.mix_with_mask(x_i, x_j, mask, p1_i, p1_j, p2_i, p2_j)
 
 
 def make_mix(
@@ -63,12 +127,10 @@ def make_mix(
     """Paste mask and mixed image, before any forward pass."""
     B, _, H, W = x_i.shape
     if paste == "foreground":
-        cls = ops.choose_paste_class(y_i, num_classes, ignore_index, generator).to(y_i.device)
-        mask = _ref.paste_mask_ref(y_i, cls)
+        cls = choose_paste_class(y_i, num_classes, ignore_index, generator).to(y_i.device)
+        mask = ops.paste_mask(y_i, cls)
     elif paste == "cutmix":
-        # Same box as ops.cutmix_paste would draw; only the mask is needed here.
-        dummy = x_i.new_zeros(B, 1, H, W)
-        _, mask, _, _ = ops.cutmix_paste(x_i, x_j, dummy, dummy, dummy, dummy, generator=generator)
+        mask = cutmix_mask(B, H, W, generator=generator, device=x_i.device)
         cls = torch.full((B,), -1, dtype=torch.long, device=x_i.device)
     else:
         raise ValueError(f"paste must be foreground or cutmix, got {paste!r}")
@@ -93,7 +155,7 @@ def pseudo_labels(
     if paste == "foreground":
         _, _, y1, y2 = ops.foreground_paste(x_i, x_j, y_i, mix.cls, *p)
     else:
-        _, _, y1, y2 = _ref.mix_with_mask_ref(x_i, x_j, mix.mask, *p)
+        _, _, y1, y2 = ops.mix_with_mask(x_i, x_j, mix.mask, *p)
     return y1, y2
 
 

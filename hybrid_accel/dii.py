@@ -4,11 +4,11 @@ One weight ``gamma[k]`` in [clip] per weak image (strong images weigh 1). Every 
 
 1. ``g_S``: the gradient of the mean cross-entropy over strong images with respect to the primary
    network's 1x1 classifier, from forward passes in eval mode under ``no_grad``
-   (:func:`hybrid_accel.ops.classifier_grad`). Each process sums its shard of a global list of strong
+   (:func:`classifier_grad`). Each process sums its shard of a global list of strong
    images and the sums are all-reduced, so the mean is the same whatever the number of processes.
 2. The weak scan: for every weak image k (or a random subset), ``s_k = <g_k, g_S>`` with ``g_k`` the
    gradient of image k's own loss (un-mixed, un-augmented, with its weak mask) from the same kind of
-   forward pass (:func:`hybrid_accel.ops.dii_scores`, the fused ``grad_dot`` op: no per-sample
+   forward pass (:func:`dii_scores`, on the fused ``hybrid_accel.ops.grad_dot`` op: no per-sample
    gradient is ever materialised). The scan is sharded across processes; the scores are gathered so
    every process holds all of them.
 3. The hypergradient ``dL_S/dgamma_k ~= -s_k`` (identity Hessian) drives one Adam step, then gamma is
@@ -32,14 +32,116 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import ops
+from .losses import per_instance_ce
 from .sampling import make_generator
 
-__all__ = ["GammaState", "reference_grad", "centred_reference", "weak_scores", "DIIUpdater", "due"]
+__all__ = ["GammaState", "reference_grad", "centred_reference", "weak_scores", "DIIUpdater", "due",
+           "ce_grad_logits", "classifier_grad", "dii_scores"]
 
 
+# ------------------------------------------------------------------ per-instance classifier gradients
+def _check_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    # a meta tensor among CPU ones would otherwise yield values computed from uninitialised memory
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; move them to one device")
+
+
+def ce_grad_logits(logits_low: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """delta_k = d l_k / d z_k for every instance, at the classifier's resolution, in float32.
+
+    ``l_k`` is instance k's pixel-wise cross-entropy (mean over its valid pixels) of the logits
+    upsampled bilinearly (align_corners=False) to the labels' size. Instances are independent, so one
+    backward pass of ``sum_k l_k`` yields every instance's own gradient. Call it under ``no_grad`` (not
+    ``inference_mode``); it enables autograd locally on a detached copy. float64 logits give a
+    float64 gradient (the accumulation dtype of ``ops.grad_dot``).
+    """
+    if logits_low.dim() != 4:
+        raise ValueError(f"ce_grad_logits: `logits_low` must be [B, C, h, w], got {tuple(logits_low.shape)}")
+    if labels.dim() != 3 or labels.shape[0] != logits_low.shape[0]:
+        raise ValueError(
+            f"ce_grad_logits: `labels` must be [B={logits_low.shape[0]}, H, W], got {tuple(labels.shape)}"
+        )
+    _check_device("ce_grad_logits", "logits_low", logits_low, labels=labels)
+    acc = torch.float64 if logits_low.dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        z = logits_low.detach().to(acc).requires_grad_(True)
+        up = F.interpolate(z, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+        loss = per_instance_ce(up, labels.long(), ignore_index).sum()
+        (delta,) = torch.autograd.grad(loss, z)
+    return delta
+
+
+def classifier_grad(
+    feats: torch.Tensor,
+    logits_low: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of ``mean_k(w_k l_k)`` with respect to the 1x1 classifier's weight [C, F] and bias [C].
+
+    ``feats`` [B, F, h, w] are the classifier's inputs and ``logits_low`` [B, C, h, w] its outputs from
+    the same forward pass. Used for the strong-set reference gradient g_S of DII.
+    """
+    _check_device("classifier_grad", "logits_low", logits_low, feats=feats, labels=labels, weights=weights)
+    delta = ce_grad_logits(logits_low, labels, ignore_index)
+    B = delta.shape[0]
+    if weights is not None:
+        delta = delta * weights.to(delta).view(B, 1, 1, 1)
+    d = delta.flatten(2)
+    h = feats.detach().to(d.dtype).flatten(2)
+    gW = torch.einsum("bcp,bfp->cf", d, h) / B
+    gb = d.sum(dim=(0, 2)) / B
+    return gW, gb
+
+
+def dii_scores(
+    feats: torch.Tensor,
+    logits_low: torch.Tensor,
+    labels: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None = None,
+    ignore_index: int = 255,
+    backend: str | None = None,
+    chunk_size: int | None = 16,
+) -> torch.Tensor:
+    """Per-instance scores ``s_k = <grad_theta' l_k, g_ref>`` for the final 1x1 classifier.
+
+    ``feats`` [B, F, h, w] and ``logits_low`` [B, C, h, w] come from one forward pass; ``labels``
+    [B, H, W] are at image resolution (ignore value allowed). The DII hypergradient is ``-s_k``.
+    Instances are processed ``chunk_size`` at a time (None: all at once), which bounds the memory of
+    the full-resolution cross-entropy gradient without changing any result. ``backend`` is that of
+    the fused ``ops.grad_dot``. Returns [B] (or [B, R] for a stacked [R, C, F] reference), float32.
+    """
+    if feats.dim() != 4:
+        raise ValueError(f"dii_scores: `feats` must be [B, F, h, w], got {tuple(feats.shape)}")
+    if logits_low.dim() != 4 or logits_low.shape[0] != feats.shape[0] or logits_low.shape[2:] != feats.shape[2:]:
+        raise ValueError(
+            f"dii_scores: `logits_low` {tuple(logits_low.shape)} must be [B, C, h, w] at the resolution of "
+            f"`feats` {tuple(feats.shape)}"
+        )
+    if labels.dim() != 3 or labels.shape[0] != feats.shape[0]:
+        raise ValueError(f"dii_scores: `labels` must be [B={feats.shape[0]}, H, W], got {tuple(labels.shape)}")
+    _check_device("dii_scores", "feats", feats, logits_low=logits_low, labels=labels, ref_weight=ref_weight,
+                  ref_bias=ref_bias)
+    B = feats.shape[0]
+    step = B if not chunk_size or chunk_size <= 0 else chunk_size
+    out = []
+    for i in range(0, max(B, 1), step):
+        delta = ce_grad_logits(logits_low[i : i + step], labels[i : i + step], ignore_index)
+        f = feats[i : i + step].detach().flatten(2)
+        if f.dtype == torch.float64:
+            delta = delta.double()
+        out.append(ops.grad_dot(f, delta.flatten(2), ref_weight, ref_bias, backend=backend))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+# ------------------------------------------------------------------------------------------- gamma
 def due(step: int, tau: int, warmup: int) -> bool:
     """Whether a gamma update follows network step ``step`` (1-based): ``step % tau == 0`` and ``step >= warmup``."""
     return step > 0 and step % tau == 0 and step >= warmup
@@ -153,7 +255,7 @@ def reference_grad(
             x = batch["image"].to(device)
             y = batch["mask"].to(device)
             out = _forward_features(model, x, autocast)
-            w, b = ops.classifier_grad(out.feats, out.logits_low, y, ignore_index)
+            w, b = classifier_grad(out.feats, out.logits_low, y, ignore_index)
             n = x.shape[0]  # classifier_grad averages over its batch: back to a sum
             gW += w.float() * n
             gb += b.float() * n
@@ -212,7 +314,7 @@ def weak_scores(
             x = batch["image"].to(device)
             y = batch["mask"].to(device)
             out = _forward_features(model, x, autocast)
-            s = ops.dii_scores(out.feats, out.logits_low, y, W, b, ignore_index)
+            s = dii_scores(out.feats, out.logits_low, y, W, b, ignore_index)
             local_scores[k:k + s.shape[0]] = s.float()
             k += s.shape[0]
     if world > 1:

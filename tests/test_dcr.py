@@ -3,8 +3,22 @@
 import torch
 
 from hybrid_accel import ops
-from hybrid_accel.dcr import dcr_forward, dcr_loss, make_mix, pseudo_labels, single_loss, warmup_loss
+from hybrid_accel.dcr import (
+    choose_paste_class,
+    cutmix_mask,
+    cutmix_paste,
+    dcr_forward,
+    dcr_loss,
+    make_mix,
+    pseudo_labels,
+    single_loss,
+    warmup_loss,
+)
 from hybrid_accel.losses import per_instance_ce, per_instance_kl
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def _batch(B=4, C=3, H=8, seed=0):
@@ -45,6 +59,8 @@ def test_cutmix_mix_is_a_box():
         cols = mix.mask[b].any(0).nonzero().flatten()
         box = mix.mask[b][rows.min():rows.max() + 1, cols.min():cols.max() + 1]
         assert box.all() and mix.mask[b].sum() == box.numel()
+    assert torch.equal(mix.mask, cutmix_mask(4, 8, 8, generator=torch.Generator().manual_seed(2)))
+    assert (mix.cls == -1).all()
     preds = [torch.randn(4, 3, 8, 8) for _ in range(4)]
     p1, _ = pseudo_labels(mix, x_i, x_j, y_i, *preds, paste="cutmix")
     assert torch.equal(p1, torch.where(mix.mask, preds[0].argmax(1), preds[1].argmax(1)))
@@ -168,3 +184,40 @@ def test_warmup_loss_is_the_supervised_part_without_a_mix():
         torch.testing.assert_close(parts["loss/sup2"], full["loss/sup2"])
         torch.testing.assert_close(loss.detach(), full["loss/total"])
         assert "loss/reg" not in parts
+
+
+def test_choose_paste_class_uniform_and_empty():
+    y = torch.zeros(4, 8, 8, dtype=torch.long)
+    y[0, :2] = 1
+    y[0, 5:] = 3
+    y[1] = 255  # ignore only: nothing to paste
+    y[2, 0, 0] = 2
+    y[3, 1:3] = 255
+    g = _gen(0)
+    picks = torch.stack([choose_paste_class(y, 4, generator=g) for _ in range(4000)])
+    assert set(picks[:, 0].unique().tolist()) == {1, 3}
+    frac3 = (picks[:, 0] == 3).float().mean().item()
+    assert 0.45 < frac3 < 0.55, frac3
+    assert (picks[:, 1] == -1).all() and (picks[:, 3] == -1).all()
+    assert (picks[:, 2] == 2).all()
+    # deterministic from the generator
+    assert torch.equal(choose_paste_class(y, 4, generator=_gen(7)), choose_paste_class(y, 4, generator=_gen(7)))
+
+
+def test_cutmix_paste_box():
+    g = _gen(1)
+    x_i, x_j = torch.randn(6, 3, 40, 50, generator=g), torch.randn(6, 3, 40, 50, generator=g)
+    preds = [torch.randn(6, 2, 40, 50, generator=g) for _ in range(4)]
+    x_m, mask, y1, y2 = cutmix_paste(x_i, x_j, *preds, area=(0.25, 0.5), generator=_gen(0))
+    frac = mask.flatten(1).float().mean(1)
+    assert ((frac > 0.2) & (frac < 0.55)).all(), frac
+    for k in range(6):
+        rows = mask[k].any(1).nonzero().flatten()
+        cols = mask[k].any(0).nonzero().flatten()
+        box = mask[k, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all(), "CutMix mask must be one rectangle"
+    assert torch.equal(x_m, torch.where(mask.unsqueeze(1), x_i, x_j))
+    # the mask alone is the same draw, and the pseudo labels follow it
+    assert torch.equal(mask, cutmix_mask(6, 40, 50, (0.25, 0.5), _gen(0)))
+    assert torch.equal(y1, torch.where(mask, preds[0].argmax(1), preds[1].argmax(1)))
+    assert torch.equal(y2, torch.where(mask, preds[2].argmax(1), preds[3].argmax(1)))

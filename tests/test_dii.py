@@ -8,7 +8,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybrid_accel.dii import DIIUpdater, GammaState, centred_reference, due, reference_grad, weak_scores
+from hybrid_accel import ops
+from hybrid_accel.dii import (
+    DIIUpdater,
+    GammaState,
+    centred_reference,
+    classifier_grad,
+    dii_scores,
+    due,
+    reference_grad,
+    weak_scores,
+)
+from hybrid_accel.losses import per_instance_ce
 from hybrid_accel.model import SegOutput
 from hybrid_accel.sampling import StepSampler, hybrid_weights
 
@@ -267,3 +278,60 @@ def test_gamma_lr_scale():
     g = GammaState(2, init=0.5, lr=0.1)
     g.step(torch.tensor([0, 1]), torch.tensor([-1.0, 2.0]), lr_scale=0.25)
     torch.testing.assert_close(g.gamma, torch.tensor([0.525, 0.475]))
+
+
+# ----------------------------------- dii_scores / classifier_grad against explicit per-sample gradients
+needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="compiled extension hybrid_accel._C not built")
+
+
+def _per_sample_truth(feats, labels, head: nn.Conv2d, ref_w, ref_b, ignore_index=255):
+    """<grad_theta' l_k, (ref_w, ref_b)> by one autograd call per instance."""
+    out = []
+    for k in range(feats.shape[0]):
+        head.zero_grad()
+        z = head(feats[k : k + 1])
+        up = F.interpolate(z, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = per_instance_ce(up, labels[k : k + 1], ignore_index).sum()
+        gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
+        out.append((gw.squeeze(-1).squeeze(-1) * ref_w).sum() + (gb * ref_b).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=needs_ext)])
+def test_dii_scores_match_per_sample_gradients(dtype, tol, backend):
+    torch.manual_seed(0)
+    B, Fc, C, h, w, H, W = 5, 12, 3, 7, 9, 27, 35
+    head = nn.Conv2d(Fc, C, 1).to(dtype)
+    feats = torch.randn(B, Fc, h, w, dtype=dtype)
+    labels = torch.randint(0, C, (B, H, W))
+    labels[torch.rand(B, H, W) < 0.3] = 255  # ignored pixels
+    labels[2] = 255  # an instance without a single labelled pixel: zero gradient
+    ref_w = torch.randn(C, Fc, dtype=dtype)
+    ref_b = torch.randn(C, dtype=dtype)
+    truth = _per_sample_truth(feats.double(), labels, head.double(), ref_w.double(), ref_b.double())
+    head = head.to(dtype)
+    with torch.no_grad():
+        logits_low = head(feats)
+        s = dii_scores(feats, logits_low, labels, ref_w, ref_b, backend=backend)
+    assert s.shape == (B,)
+    assert s[2].item() == 0.0
+    rel = (s.double() - truth).abs().max() / truth.abs().max()
+    assert rel < tol, rel.item()
+
+
+def test_classifier_grad_matches_autograd():
+    torch.manual_seed(1)
+    B, Fc, C = 4, 10, 2
+    head = nn.Conv2d(Fc, C, 1).double()
+    feats = torch.randn(B, Fc, 6, 6, dtype=torch.float64)
+    labels = torch.randint(0, C, (B, 24, 24))
+    labels[:, :5] = 255
+    z = head(feats)
+    up = F.interpolate(z, size=(24, 24), mode="bilinear", align_corners=False)
+    loss = per_instance_ce(up, labels).mean()
+    gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
+    with torch.no_grad():
+        cw, cb = classifier_grad(feats, head(feats), labels)
+    torch.testing.assert_close(cw, gw.view(C, Fc), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cb, gb, rtol=1e-12, atol=1e-14)

@@ -1,4 +1,7 @@
-"""The fused ops against their pure-PyTorch twins, against explicit per-sample gradients, and on bad input.
+"""The fused ops against their pure-PyTorch twins and by hand, and on bad input.
+
+(``dii_scores`` / ``classifier_grad`` against explicit per-sample gradients: tests/test_dii.py;
+``choose_paste_class`` and the CutMix box: tests/test_dcr.py.)
 
 CPU tests always run; CUDA tests run where a GPU is present (marker ``cuda``).
 """
@@ -11,11 +14,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from hybrid_accel import ops
-from hybrid_accel.losses import per_instance_ce
+from hybrid_accel.dcr import choose_paste_class
 from hybrid_accel.ops import _ref
 
 HAS_EXT = ops.extension_available()
@@ -137,60 +138,6 @@ def test_grad_dot_twin_is_exact_in_float64():
     torch.testing.assert_close(s, ref, rtol=1e-12, atol=1e-12)
 
 
-# ------------------------------------------------------- grad_dot against explicit per-sample gradients
-def _per_sample_truth(feats, labels, head: nn.Conv2d, ref_w, ref_b, ignore_index=255):
-    """<grad_theta' l_k, (ref_w, ref_b)> by one autograd call per instance."""
-    out = []
-    for k in range(feats.shape[0]):
-        head.zero_grad()
-        z = head(feats[k : k + 1])
-        up = F.interpolate(z, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = per_instance_ce(up, labels[k : k + 1], ignore_index).sum()
-        gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
-        out.append((gw.squeeze(-1).squeeze(-1) * ref_w).sum() + (gb * ref_b).sum())
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=needs_ext)])
-def test_dii_scores_match_per_sample_gradients(dtype, tol, backend):
-    torch.manual_seed(0)
-    B, Fc, C, h, w, H, W = 5, 12, 3, 7, 9, 27, 35
-    head = nn.Conv2d(Fc, C, 1).to(dtype)
-    feats = torch.randn(B, Fc, h, w, dtype=dtype)
-    labels = torch.randint(0, C, (B, H, W))
-    labels[torch.rand(B, H, W) < 0.3] = 255  # ignored pixels
-    labels[2] = 255  # an instance without a single labelled pixel: zero gradient
-    ref_w = torch.randn(C, Fc, dtype=dtype)
-    ref_b = torch.randn(C, dtype=dtype)
-    truth = _per_sample_truth(feats.double(), labels, head.double(), ref_w.double(), ref_b.double())
-    head = head.to(dtype)
-    with torch.no_grad():
-        logits_low = head(feats)
-        s = ops.dii_scores(feats, logits_low, labels, ref_w, ref_b, backend=backend)
-    assert s.shape == (B,)
-    assert s[2].item() == 0.0
-    rel = (s.double() - truth).abs().max() / truth.abs().max()
-    assert rel < tol, rel.item()
-
-
-def test_classifier_grad_matches_autograd():
-    torch.manual_seed(1)
-    B, Fc, C = 4, 10, 2
-    head = nn.Conv2d(Fc, C, 1).double()
-    feats = torch.randn(B, Fc, 6, 6, dtype=torch.float64)
-    labels = torch.randint(0, C, (B, 24, 24))
-    labels[:, :5] = 255
-    z = head(feats)
-    up = F.interpolate(z, size=(24, 24), mode="bilinear", align_corners=False)
-    loss = per_instance_ce(up, labels).mean()
-    gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
-    with torch.no_grad():
-        cw, cb = ops.classifier_grad(feats, head(feats), labels)
-    torch.testing.assert_close(cw, gw.view(C, Fc), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(cb, gb, rtol=1e-12, atol=1e-14)
-
-
 # ------------------------------------------------------------------------------------ foreground paste
 def _paste_case(B, K, C, H, W, dtype, pdtype, device, seed):
     g = _gen(seed)
@@ -210,7 +157,7 @@ def test_foreground_paste_ext_equals_twin(device, dtype, size):
     H, W = size
     B, K, C = 3, 3, 4
     x_i, x_j, y, preds = _paste_case(B, K, C, H, W, dtype, dtype, device, seed=H * W)
-    cls = ops.choose_paste_class(y, C, generator=_gen(0))
+    cls = choose_paste_class(y, C, generator=_gen(0))
     cls[-1] = -1  # one sample with an empty mask
     got = ops.foreground_paste(x_i, x_j, y, cls, *preds, backend="ext")
     twin = ops.foreground_paste(x_i, x_j, y, cls, *preds, backend="torch")
@@ -252,36 +199,40 @@ def test_foreground_paste_semantics_by_hand():
         assert y2.tolist() == [[[0, 0, 1], [1, 0, 0]]]
 
 
-def test_choose_paste_class_uniform_and_empty():
-    y = torch.zeros(4, 8, 8, dtype=torch.long)
-    y[0, :2] = 1
-    y[0, 5:] = 3
-    y[1] = 255  # ignore only: nothing to paste
-    y[2, 0, 0] = 2
-    y[3, 1:3] = 255
-    g = _gen(0)
-    picks = torch.stack([ops.choose_paste_class(y, 4, generator=g) for _ in range(4000)])
-    assert set(picks[:, 0].unique().tolist()) == {1, 3}
-    frac3 = (picks[:, 0] == 3).float().mean().item()
-    assert 0.45 < frac3 < 0.55, frac3
-    assert (picks[:, 1] == -1).all() and (picks[:, 3] == -1).all()
-    assert (picks[:, 2] == 2).all()
-    # deterministic from the generator
-    assert torch.equal(ops.choose_paste_class(y, 4, generator=_gen(7)), ops.choose_paste_class(y, 4, generator=_gen(7)))
+def test_paste_mask_and_mix_with_mask_are_the_halves_of_the_paste():
+    B, K, C, H, W = 3, 3, 4, 13, 17
+    x_i, x_j, y, preds = _paste_case(B, K, C, H, W, torch.float32, torch.float32, "cpu", seed=6)
+    cls = torch.tensor([1, 3, -1])
+    mask = ops.paste_mask(y, cls)
+    assert mask.dtype == torch.bool and mask.shape == (B, H, W)
+    assert torch.equal(mask[0], y[0] == 1) and torch.equal(mask[1], y[1] == 3) and not mask[2].any()
+    want = ops.foreground_paste(x_i, x_j, y, cls, *preds, backend="torch")
+    got = ops.mix_with_mask(x_i, x_j, mask, *preds)
+    for a, b, name in zip(got, want, ["x_m", "mask", "y1_m", "y2_m"]):
+        assert torch.equal(a, b), name
 
 
-def test_cutmix_paste_box():
-    g = _gen(0)
-    x_i, x_j, _, preds = _paste_case(6, 3, 2, 40, 50, torch.float32, torch.float32, "cpu", seed=1)
-    x_m, mask, y1, y2 = ops.cutmix_paste(x_i, x_j, *preds, area=(0.25, 0.5), generator=g)
-    frac = mask.flatten(1).float().mean(1)
-    assert ((frac > 0.2) & (frac < 0.55)).all(), frac
-    for k in range(6):
-        rows = mask[k].any(1).nonzero().flatten()
-        cols = mask[k].any(0).nonzero().flatten()
-        box = mask[k, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-        assert box.all(), "CutMix mask must be one rectangle"
-    assert torch.equal(x_m, torch.where(mask.unsqueeze(1), x_i, x_j))
+def test_paste_mask_and_mix_with_mask_errors_name_the_argument():
+    B, K, C, H, W = 2, 3, 2, 8, 8
+    x = torch.randn(B, K, H, W)
+    y = torch.zeros(B, H, W, dtype=torch.long)
+    cls = torch.tensor([1, 1])
+    m = torch.zeros(B, H, W, dtype=torch.bool)
+    p = torch.randn(B, C, H, W)
+    with pytest.raises(ValueError, match="`y_i`"):
+        ops.paste_mask(y[0], cls)
+    with pytest.raises(TypeError, match="`y_i`"):
+        ops.paste_mask(y.float(), cls)
+    with pytest.raises(ValueError, match="`cls`"):
+        ops.paste_mask(y, cls[:1])
+    with pytest.raises(ValueError, match="`mask`"):
+        ops.mix_with_mask(x, x, m[:, :4], p, p, p, p)
+    with pytest.raises(TypeError, match="`mask`"):
+        ops.mix_with_mask(x, x, m.long(), p, p, p, p)
+    with pytest.raises(ValueError, match="`x_j`"):
+        ops.mix_with_mask(x, x[:, :2], m, p, p, p, p)
+    with pytest.raises(ValueError, match="`p2_j`"):
+        ops.mix_with_mask(x, x, m, p, p, p, p[:, :, :4])
 
 
 # ------------------------------------------------------------------------------ opcheck and compile

@@ -291,6 +291,7 @@ def test_prepare_out_is_a_file(tmp_path, capsys):
 # ------------------------------------------------------ 2: a meta tensor mixed with CPU tensors
 def _mixed_calls():
     from hybrid_accel import ops
+    from hybrid_accel.dii import classifier_grad, dii_scores
     from hybrid_accel.ops import _ref
 
     g = torch.Generator().manual_seed(0)
@@ -300,8 +301,8 @@ def _mixed_calls():
     return {
         "grad_dot": lambda: ops.grad_dot(f.flatten(2), meta(z).flatten(2), w, None, backend="torch"),
         "grad_dot twin": lambda: _ref.grad_dot_ref(f.flatten(2), meta(z).flatten(2), w[None], None),
-        "classifier_grad": lambda: ops.classifier_grad(meta(f), z, y),
-        "dii_scores": lambda: ops.dii_scores(f, z, y, w, meta(torch.zeros(3)), backend="torch"),
+        "classifier_grad": lambda: classifier_grad(meta(f), z, y),
+        "dii_scores": lambda: dii_scores(f, z, y, w, meta(torch.zeros(3)), backend="torch"),
         "foreground_paste twin": lambda: _ref.foreground_paste_ref(
             meta(f), f, y[:, :5, :5], torch.tensor([1, 1]), z, z, z, z),
     }
