@@ -179,7 +179,7 @@ def _grid(images: Sequence[Any], path: Path, cols: int = 2) -> None:
 
 def _plot(run: dict, path: Path) -> float:
     """gamma histogram (+ gamma vs true IoU when known); returns Spearman (nan when unknown)."""
-    from .reproduce import spearman
+    from .metrics import spearman
 
     g, q = run["gamma"], run["quality_iou"]
     known = np.isfinite(q).any()

@@ -23,6 +23,9 @@ gt_empty    predicted, not in the truth    0.0    undefined: NaN, left out of th
 =========== ============================== ====== ===========================================
 
 Pixels of the truth equal to ``ignore_index`` are left out of both masks.
+
+:func:`spearman` is the rank correlation used for gamma against the weak masks' true quality (by the
+trainer's log, the audit and the reproduction report).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "assd_binary",
     "dice_assd",
     "summarize",
+    "spearman",
 ]
 
 NORMAL, BOTH_EMPTY, PRED_EMPTY, GT_EMPTY = 0, 1, 2, 3
@@ -208,3 +212,15 @@ def summarize(
         "per_class": per_class,
         "counts": {label: int((case == i).sum()) for i, label in enumerate(CASES)},
     }
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties) over the pairs where both are finite;
+    nan when fewer than 3 such pairs remain or either side is constant."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return math.nan
+    return float(spearmanr(a[ok], b[ok]).statistic)

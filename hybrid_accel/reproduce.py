@@ -34,7 +34,7 @@ import numpy as np
 from ._plot import pyplot, save
 
 __all__ = ["METHODS", "PRESETS", "Method", "Preset", "prepare_dataset", "run_suite", "collect", "summarize",
-           "format_tables", "plot_gamma_histogram", "plot_curves", "spearman"]
+           "format_tables", "plot_gamma_histogram", "plot_curves"]
 
 REPO = Path(__file__).resolve().parents[1]
 _OFF = ["method.dii=false", "method.dcr=false", "method.dii_sampling=false"]
@@ -255,17 +255,6 @@ def run_suite(preset: Preset, out: Path, methods: Sequence[str] | None = None, s
 
 
 # ------------------------------------------------------------------------------------- reading
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return math.nan
-    return float(spearmanr(a[ok], b[ok]).statistic)
-
-
 def read_gamma_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(gamma, true quality) per weak image from a run's gamma.csv."""
     g, q = [], []
@@ -299,6 +288,8 @@ def _val_curve(run_dir: Path) -> list[list[float]]:
 
 def collect(out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[dict]:
     """One record per finished run under ``out/runs``: metrics, validation curve, gamma statistics."""
+    from .metrics import spearman
+
     recs = []
     for m in METHODS:
         if methods and m.key not in methods:

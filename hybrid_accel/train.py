@@ -650,16 +650,12 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def _gamma_quality(gamma: GammaState, train_ds: Any) -> dict[str, float]:
-    q = np.asarray(train_ds.quality)[train_ds.weak_indices]
-    ok = np.isfinite(q)
-    if ok.sum() < 3:
-        return {}
-    from scipy.stats import spearmanr
+    """Spearman(gamma, true quality of the weak mask) when the dataset knows the quality (simulated weak labels)."""
+    from .metrics import spearman
 
-    g = gamma.gamma.numpy()[ok]
-    if np.ptp(g) == 0 or np.ptp(q[ok]) == 0:
-        return {}
-    return {"dii/spearman_quality": float(spearmanr(g, q[ok]).statistic)}
+    q = np.asarray(train_ds.quality)[train_ds.weak_indices]
+    rho = spearman(gamma.gamma.numpy(), q)
+    return {} if math.isnan(rho) else {"dii/spearman_quality": rho}
 
 
 def _log_gamma(accelerator: Any, gamma: GammaState, stats: dict, step: int, tracking: bool) -> None:

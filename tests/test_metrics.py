@@ -12,6 +12,7 @@ from hybrid_accel.metrics import (
     assd_binary,
     dice_assd,
     dice_binary,
+    spearman,
     summarize,
 )
 
@@ -183,3 +184,18 @@ def test_shape_errors():
         dice_assd(np.zeros((4, 4)), np.zeros((4, 5)), 2)
     with pytest.raises(ValueError):
         assd_binary(np.ones((4, 4)), np.ones((4, 4)), spacing=(1.0,))
+
+
+def test_spearman_ties_nonfinite_pairs_and_degenerate_cases():
+    from scipy.stats import spearmanr
+
+    a = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.7])
+    b = np.array([0.0, 0.3, 0.8, 0.8, 0.1, 0.6])
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-15)
+    # a pair with a non-finite value on either side is left out
+    a2, b2 = np.append(a, [np.nan, 0.3]), np.append(b, [0.2, np.inf])
+    assert spearman(a2, b2) == spearman(a, b)
+    assert spearman(a.astype(np.float32), b) == spearman(a, b)  # ranks do not depend on the storage dtype
+    assert math.isnan(spearman(a[:2], b[:2]))  # fewer than 3 pairs
+    assert math.isnan(spearman(np.full(6, 0.5), b))  # constant side
+    assert math.isnan(spearman(a, np.full(6, np.nan)))
