@@ -140,17 +140,17 @@ def _panel_row(run: dict, k: int, pred: np.ndarray | None, label: str):
     """One PIL image: the input, the weak mask, the prediction and the exact mask (when known)."""
     from PIL import Image, ImageDraw
 
-    from .evaluate import _paint, _to_uint8_image
+    from .evaluate import paint_labels, to_uint8_image
 
     ds, ignore = run["dataset"], run["cfg"].data.ignore_index
     i = int(ds.weak_indices[k])
     item = ds[i]
-    base = _to_uint8_image(item["image"], ds.mean, ds.std)
-    panels = [("image", base), ("weak mask", _paint(base, item["mask"].numpy(), ignore))]
+    base = to_uint8_image(item["image"], ds.mean, ds.std)
+    panels = [("image", base), ("weak mask", paint_labels(base, item["mask"].numpy(), ignore))]
     if pred is not None:
-        panels.append(("prediction", _paint(base, pred, None)))
+        panels.append(("prediction", paint_labels(base, pred, None)))
     if run["truth"] is not None:
-        panels.append(("exact mask", _paint(base, run["truth"][i]["mask"].numpy(), ignore)))
+        panels.append(("exact mask", paint_labels(base, run["truth"][i]["mask"].numpy(), ignore)))
     h, w = base.shape[:2]
     scale = max(1, 96 // max(h, w))  # small images are enlarged so the page is readable
     gap, top = 4, 26

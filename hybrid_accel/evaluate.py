@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .metrics import CASES, EMPTY_RULES, dice_assd, summarize
 
-__all__ = ["evaluate", "load_models_for_eval", "render_overlay", "main"]
+__all__ = ["evaluate", "load_models_for_eval", "render_overlay", "to_uint8_image", "paint_labels", "main"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,7 +112,8 @@ def _load_trainer_output(path: Path, map_location) -> tuple[dict[str, nn.Module]
 # Overlays
 
 
-def _to_uint8_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def to_uint8_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised [K, H, W] image tensor back to uint8 RGB [H, W, 3] (one channel repeated, extra ones dropped)."""
     img = image.detach().float().cpu().numpy()
     if img.shape[0] == 1:
         img = np.repeat(img, 3, axis=0)
@@ -120,8 +121,9 @@ def _to_uint8_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (np.clip(img.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _paint(img: np.ndarray, labels: np.ndarray, ignore_index: int | None, alpha: float = 0.45) -> np.ndarray:
-    """Colour each foreground class over the image, with an opaque outline."""
+def paint_labels(img: np.ndarray, labels: np.ndarray, ignore_index: int | None, alpha: float = 0.45) -> np.ndarray:
+    """Colour each foreground class of ``labels`` [H, W] over ``img`` (uint8 [H, W, 3]), with an opaque
+    outline; ``ignore_index`` pixels in grey (None: no ignore value). The overlays of evaluate and audit."""
     from scipy import ndimage
 
     out = img.astype(np.float32)
@@ -149,9 +151,9 @@ def render_overlay(
     """One PIL image: panels [truth, prediction of each model] drawn over the input image."""
     from PIL import Image, ImageDraw
 
-    base = _to_uint8_image(image, mean, std)
-    panels = [("truth", _paint(base, truth, ignore_index))]
-    panels += [(name, _paint(base, p, None)) for name, p in preds.items()]
+    base = to_uint8_image(image, mean, std)
+    panels = [("truth", paint_labels(base, truth, ignore_index))]
+    panels += [(name, paint_labels(base, p, None)) for name, p in preds.items()]
     h, w = base.shape[:2]
     gap = 4
     canvas = Image.new("RGB", (len(panels) * (w + gap) - gap, h + 14), (255, 255, 255))
