@@ -76,7 +76,7 @@ def load_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = N
     import yaml
 
     from .config import config_from_dict
-    from .data import HybridDataset
+    from .data import HybridDataset, synthetic_root
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -84,9 +84,7 @@ def load_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = N
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     root = Path(data_root) if data_root else (Path(cfg.data.root).expanduser() if cfg.data.root else None)
     if root is None:
-        from .train import _synthetic_root
-
-        root = _synthetic_root(cfg)
+        root = synthetic_root(cfg.data)
     if not (root / "manifest.csv").is_file() and not root.is_file():
         raise FileNotFoundError(f"{root}: the run's dataset is not there; pass --data")
     d = cfg.data

@@ -36,7 +36,6 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
 from .data import KIND_STRONG
-from .data.synthetic import FAINT
 from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
 from .dii import DIIUpdater, GammaState, due
 from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
@@ -90,18 +89,6 @@ def lr_factor(step: int, cfg: Config) -> float:
     return 1.0
 
 
-def _synthetic_root(cfg: Config) -> Path:
-    d = cfg.data
-    key = (d.synthetic_kind, d.synthetic_n_train, d.synthetic_n_val, d.synthetic_n_test, d.synthetic_size,
-           d.synthetic_strong, d.synthetic_seed, 1)
-    if d.synthetic_kind == "polyp" and d.synthetic_faint != FAINT:  # folders made before the option keep their name
-        key += (d.synthetic_faint,)
-    if d.synthetic_dir:
-        return Path(d.synthetic_dir).expanduser()
-    base = Path(os.environ.get("HYBRID_ACCEL_CACHE", Path.home() / ".cache" / "hybrid_accel"))
-    return base / f"synth-{d.synthetic_kind}-{derive_seed(*key) % 16**10:010x}"
-
-
 def param_groups(nets: Sequence[nn.Module], head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Two groups: every network's encoder (``lr_mult`` 1) and the rest, ASPP, decoder and
     classifier (``lr_mult`` = ``optim.head_lr_mult``; the authors' code trains them at 10x)."""
@@ -122,11 +109,11 @@ def make_optimizer(nets: Sequence[nn.Module], cfg: Config) -> torch.optim.Optimi
 
 def prepare_data(cfg: Config, accelerator: Any) -> Path:
     """The dataset folder: ``data.root``, or a synthetic set generated once (on the main process)."""
-    from .data import make_synthetic_hybrid
+    from .data import make_synthetic_hybrid, synthetic_root
 
     if cfg.data.root:
         return Path(cfg.data.root).expanduser()
-    root = _synthetic_root(cfg)
+    root = synthetic_root(cfg.data)
     d = cfg.data
     if accelerator.is_local_main_process and not (root / "manifest.csv").is_file():
         _say(accelerator, f"writing a synthetic {d.synthetic_kind} dataset to {root}")

@@ -3,7 +3,14 @@
 See docs/data.md. The command line is ``python -m hybrid_accel.data {synth,prepare,check}``.
 """
 
-from .build import find_pairs, make_synthetic_dataset, make_synthetic_hybrid, prepare_hybrid, split_groups
+from .build import (
+    find_pairs,
+    make_synthetic_dataset,
+    make_synthetic_hybrid,
+    prepare_hybrid,
+    split_groups,
+    synthetic_root,
+)
 from .dataset import KIND_STRONG, KIND_WEAK, HybridDataset
 from .errors import DatasetError
 from .manifest import (
@@ -46,6 +53,7 @@ __all__ = [
     "read_mask",
     "simulate",
     "split_groups",
+    "synthetic_root",
     "synthetic_sample",
     "transform_pair",
     "validate_dataset",

@@ -241,6 +241,26 @@ def make_synthetic_dataset(
                                  strong_count=strong_count, weak=weak, seed=seed, **kwargs)
 
 
+def synthetic_root(data: Any) -> Path:
+    """Where the trainer's synthetic dataset for a config's ``data`` section lives.
+
+    ``data.synthetic_dir`` when set, else ``$HYBRID_ACCEL_CACHE`` (default ``~/.cache/hybrid_accel``)
+    ``/synth-<kind>-<hash>``, the hash naming the generator's settings (so a changed setting gets its
+    own folder). Used by the trainer, which writes the dataset there, and by the audit, which reads it.
+    """
+    from ..sampling import derive_seed
+
+    d = data
+    key = (d.synthetic_kind, d.synthetic_n_train, d.synthetic_n_val, d.synthetic_n_test, d.synthetic_size,
+           d.synthetic_strong, d.synthetic_seed, 1)
+    if d.synthetic_kind == "polyp" and d.synthetic_faint != FAINT:  # folders made before the option keep their name
+        key += (d.synthetic_faint,)
+    if d.synthetic_dir:
+        return Path(d.synthetic_dir).expanduser()
+    base = Path(os.environ.get("HYBRID_ACCEL_CACHE", Path.home() / ".cache" / "hybrid_accel"))
+    return base / f"synth-{d.synthetic_kind}-{derive_seed(*key) % 16**10:010x}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Hybrid datasets from a fully annotated folder
 
