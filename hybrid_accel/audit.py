@@ -42,12 +42,9 @@ def _read_gamma(run_dir: Path) -> tuple[np.ndarray, int | None]:
     """Final gamma per weak rank: ``gamma.csv``, else the newest checkpoint's; (gamma, step or None)."""
     path = run_dir / "gamma.csv"
     if path.is_file():
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        g = np.zeros(len(rows), dtype=np.float64)
-        for r in rows:
-            g[int(r["weak_index"])] = float(r["gamma"])
-        return g, None
+        from .dii import read_gamma_csv
+
+        return read_gamma_csv(path)[0], None
     from .checkpoint import latest_checkpoint, read_trainer_state
 
     ck = latest_checkpoint(run_dir)

@@ -24,9 +24,12 @@ has the same step count and the update is exactly ``torch.optim.Adam`` (tested).
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +43,7 @@ from .losses import per_instance_ce
 from .sampling import make_generator
 
 __all__ = ["GammaState", "reference_grad", "centred_reference", "weak_scores", "DIIUpdater", "due",
-           "ce_grad_logits", "classifier_grad", "dii_scores"]
+           "ce_grad_logits", "classifier_grad", "dii_scores", "write_gamma_csv", "read_gamma_csv"]
 
 
 # ------------------------------------------------------------------ per-instance classifier gradients
@@ -216,6 +219,41 @@ class GammaState:
         self.updates = int(sd["updates"])
 
 
+# ----------------------------------------------------------------------------------------- gamma.csv
+GAMMA_CSV_COLUMNS = ("weak_index", "dataset_index", "image", "gamma", "true_quality")
+
+
+def write_gamma_csv(path: str | os.PathLike, gamma: GammaState, train_ds: Any) -> None:
+    """A run's ``gamma.csv``: one row per weak image in weak rank order (``weak_index``), with its
+    dataset index, image path, final gamma and the weak mask's true quality (nan when unknown).
+    Written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(GAMMA_CSV_COLUMNS)
+        for k, i in enumerate(train_ds.weak_indices):
+            w.writerow([k, int(i), train_ds.image_paths[int(i)], f"{float(gamma.gamma[k]):.6f}",
+                        f"{float(train_ds.quality[int(i)]):.6f}"])
+    os.replace(tmp, path)
+
+
+def read_gamma_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(gamma, true quality)`` per weak rank from a run's ``gamma.csv`` (:func:`write_gamma_csv`):
+    two float64 arrays indexed by ``weak_index``; quality nan where unknown."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    g = np.zeros(len(rows), dtype=np.float64)
+    q = np.full(len(rows), math.nan, dtype=np.float64)
+    for r in rows:
+        k = int(r["weak_index"])
+        g[k] = float(r["gamma"])
+        if r.get("true_quality") not in (None, ""):
+            q[k] = float(r["true_quality"])
+    return g, q
+
+
+# ------------------------------------------------------------------------------------- the gamma update
 def _forward_features(model: nn.Module, x: torch.Tensor, autocast) -> Any:
     with autocast():
         return model(x, return_features=True)

@@ -255,16 +255,6 @@ def run_suite(preset: Preset, out: Path, methods: Sequence[str] | None = None, s
 
 
 # ------------------------------------------------------------------------------------- reading
-def read_gamma_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(gamma, true quality) per weak image from a run's gamma.csv."""
-    g, q = [], []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            g.append(float(row["gamma"]))
-            q.append(float(row["true_quality"]) if row.get("true_quality") not in (None, "") else math.nan)
-    return np.array(g), np.array(q)
-
-
 def _net_metrics(models: dict) -> dict:
     """The primary network's metrics (``primary`` with DCR, ``net`` without) and the ensemble's."""
     def num(v):  # summary.json is strict JSON: an undefined ASSD (no foreground predicted) is null
@@ -288,6 +278,7 @@ def _val_curve(run_dir: Path) -> list[list[float]]:
 
 def collect(out: Path, methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[dict]:
     """One record per finished run under ``out/runs``: metrics, validation curve, gamma statistics."""
+    from .dii import read_gamma_csv
     from .metrics import spearman
 
     recs = []
@@ -414,6 +405,7 @@ def plot_gamma_histogram(recs: Sequence[dict], path: Path, method: str = "full")
     plt = pyplot("figures")  # optional (the dev extra): tables only
     if plt is None:
         return None
+    from .dii import read_gamma_csv
 
     gs, qs = [], []
     for r in recs:

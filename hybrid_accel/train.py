@@ -19,7 +19,6 @@ network's classifier gradients (hybrid_accel.dii). Exit status: 0 done, 2 bad co
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
 from .data import KIND_STRONG
 from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
-from .dii import DIIUpdater, GammaState, due
+from .dii import DIIUpdater, GammaState, due, write_gamma_csv
 from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
 
 __all__ = ["main", "train", "TrainingDiverged", "parse_args", "lr_factor"]
@@ -561,7 +560,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                          {"name": name, "image_size": size, "num_classes": num_classes, "class_names": class_names,
                           "ignore_index": ignore, "weights": test_from, "train_config": config_to_dict(cfg)})
         if gamma is not None:
-            _write_gamma_csv(run_dir / "gamma.csv", gamma, train_ds)
+            write_gamma_csv(run_dir / "gamma.csv", gamma, train_ds)
         _say(accelerator, f"exported {', '.join(names)} to {run_dir / 'export'}")
     _finish(accelerator, tracking)
     return result
@@ -688,17 +687,6 @@ def _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_
         best, best_step = value, step
         ckpt.save_checkpoint(accelerator, run_dir, "best", trainer_state(step) | {"best": best, "best_step": step})
     return best, best_step
-
-
-def _write_gamma_csv(path: Path, gamma: GammaState, train_ds: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["weak_index", "dataset_index", "image", "gamma", "true_quality"])
-        for k, i in enumerate(train_ds.weak_indices):
-            w.writerow([k, int(i), train_ds.image_paths[int(i)], f"{float(gamma.gamma[k]):.6f}",
-                        f"{float(train_ds.quality[int(i)]):.6f}"])
-    os.replace(tmp, path)
 
 
 def _append_gamma_history(path: Path, step: int, gamma: torch.Tensor) -> None:

@@ -16,8 +16,10 @@ from hybrid_accel.dii import (
     classifier_grad,
     dii_scores,
     due,
+    read_gamma_csv,
     reference_grad,
     weak_scores,
+    write_gamma_csv,
 )
 from hybrid_accel.losses import per_instance_ce
 from hybrid_accel.model import SegOutput
@@ -278,6 +280,25 @@ def test_gamma_lr_scale():
     g = GammaState(2, init=0.5, lr=0.1)
     g.step(torch.tensor([0, 1]), torch.tensor([-1.0, 2.0]), lr_scale=0.25)
     torch.testing.assert_close(g.gamma, torch.tensor([0.525, 0.475]))
+
+
+def test_gamma_csv_round_trip(tmp_path):
+    g = GammaState(3)
+    g.gamma = torch.tensor([0.25, 1.0, 0.125])
+    ds = SimpleNamespace(weak_indices=np.array([4, 1, 7]), image_paths={1: "b.png", 4: "a.png", 7: "c.png"},
+                         quality={1: 0.5, 4: float("nan"), 7: 0.0})
+    write_gamma_csv(tmp_path / "gamma.csv", g, ds)
+    assert not (tmp_path / "gamma.csv.tmp").exists()
+    gamma, quality = read_gamma_csv(tmp_path / "gamma.csv")
+    assert gamma.dtype == quality.dtype == np.float64
+    np.testing.assert_array_equal(gamma, [0.25, 1.0, 0.125])
+    np.testing.assert_array_equal(quality, [np.nan, 0.5, 0.0])
+    # rows are placed by weak_index, whatever their order in the file
+    lines = (tmp_path / "gamma.csv").read_text().splitlines()
+    (tmp_path / "shuffled.csv").write_text("\n".join([lines[0], lines[3], lines[1], lines[2]]) + "\n")
+    gamma2, quality2 = read_gamma_csv(tmp_path / "shuffled.csv")
+    np.testing.assert_array_equal(gamma2, gamma)
+    np.testing.assert_array_equal(quality2, quality)
 
 
 # ----------------------------------- dii_scores / classifier_grad against explicit per-sample gradients
