@@ -102,6 +102,7 @@ class MethodConfig:
     dii: bool = True  # learn a weight gamma per weak image (dynamic instance indicators)
     dcr: bool = True  # two networks regularising each other on pasted images (dynamic co-regularisation)
     dii_sampling: bool = True  # primary sampler draws by weight (strong 1, weak gamma); else uniform
+    sampling_floor: float = 0.0  # with dii_sampling, a weak image is drawn by max(gamma, floor) (paper: 0)
     paste: str = "foreground"  # DCR mixing: foreground (paste a class region of x_i) | cutmix (random box)
     pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
     lambda_: float = 4.0  # weight of the DCR regularisation term (paper: 4)
@@ -463,6 +464,8 @@ def validate_config(cfg: Config) -> None:
                  "has only one kind (set method.dii=false for this baseline)")
     if m.dii_sampling and not m.dii:
         p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
+    if not 0.0 <= m.sampling_floor <= 1.0:
+        p.append(f"method.sampling_floor={m.sampling_floor}: a sampling weight between 0 and 1 (strong images weigh 1)")
     p += _eval_problems(cfg)
     p += _model_problems(cfg)
     blocker = next((d for d in [Path(cfg.out_dir).expanduser(), *Path(cfg.out_dir).expanduser().parents]

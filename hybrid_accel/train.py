@@ -393,7 +393,8 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         if step < warmup:
             w = strong_only
         else:
-            w = hybrid_weights(train_ds.kinds, weak_rank, gamma.gamma) if cfg.method.dii_sampling else None
+            w = (hybrid_weights(train_ds.kinds, weak_rank, gamma.gamma, cfg.method.sampling_floor)
+                 if cfg.method.dii_sampling else None)
         s = StepSampler(len(train_ds), B, cfg.seed, "primary", rank, weights=w)
         return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
 

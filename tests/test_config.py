@@ -64,6 +64,7 @@ def test_type_errors():
     [
         ("dii.tau=0", "dii.tau"),
         ("dii.tau=-5", "dii.tau"),
+        ("method.sampling_floor=1.5", "method.sampling_floor"),
         ("method.lambda_=-1", "method.lambda_"),
         ("method.paste=mixup", "method.paste"),
         ("optim.name=adam", "optim.name"),

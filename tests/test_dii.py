@@ -242,6 +242,16 @@ def test_sampler_is_stateless_and_weighted():
     assert s.batch(10)[0][1] != other.batch(10)[0][1]  # augmentation seeds differ per rank too
 
 
+def test_sampling_floor_keeps_low_gamma_weak_images_in_the_draw():
+    kinds, rank = np.array([0, 1, 1, 1]), np.array([-1, 0, 1, 2])
+    g = torch.tensor([0.0, 0.9, 0.1])
+    assert hybrid_weights(kinds, rank, g, floor=0.3).tolist() == pytest.approx([1.0, 0.3, 0.9, 0.3])
+    assert hybrid_weights(kinds, rank, g).tolist() == pytest.approx([1.0, 0.0, 0.9, 0.1])  # paper: no floor
+    s = StepSampler(4, 4000, seed=0, stream="primary", weights=hybrid_weights(kinds, rank, g, floor=0.3))
+    share = np.bincount(s.indices(0), minlength=4) / 4000
+    assert share[1] == pytest.approx(0.3 / 2.5, abs=0.03) and share[2] == pytest.approx(0.9 / 2.5, abs=0.03)
+
+
 def test_weight_score_drops_the_bias_term():
     # dii.score=weight (the authors' code): s_k = <G_k, G_S>, the classifier weight's gradients only
     torch.manual_seed(3)
