@@ -460,7 +460,7 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                                            make_generator(cfg.seed, "paste", rank, step, micro))
                             out1, out2 = dcr_forward(nets[0], nets[1], x_i, x_j, mix)
                             ramp = cfg.method.lambda_warmup
-                            lam = cfg.method.lambda_ * (min(1.0, (step - warmup) / ramp) if ramp else 1.0)
+                            lam = cfg.method.dcr_weight * (min(1.0, (step - warmup) / ramp) if ramp else 1.0)
                             loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam,
                                                    cfg.method.paste, cfg.method.pseudo_loss, ignore,
                                                    cfg.method.dcr_supervision)
