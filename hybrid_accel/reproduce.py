@@ -1,6 +1,6 @@
 """The reproduction suite: every baseline and ablation of DESIGN.md section 4 on one hybrid dataset.
 
-``benchmarks/reproduce.py`` is the command line; this module holds the pieces so the tests can
+``benchmarks/run_suite.py`` is the command line; this module holds the pieces so the tests can
 import them. A suite is: prepare one dataset, train each (method, seed) with the real trainer
 (``python -m hybrid_accel.train`` in a subprocess, or :func:`hybrid_accel.train.train` in this
 process), then read what each run wrote (``test/summary.json``, ``eval/step_*/summary.json``,

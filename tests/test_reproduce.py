@@ -109,7 +109,7 @@ def test_tiny_suite_all_methods_tables_and_figures(tmp_path):
 def test_command_line_subprocess_runner(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("reproduce_cli", REPO / "benchmarks" / "reproduce.py")
+    spec = importlib.util.spec_from_file_location("run_suite_cli", REPO / "benchmarks" / "run_suite.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     preset = _tiny_preset()
