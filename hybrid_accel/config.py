@@ -7,7 +7,9 @@ are parsed as YAML (``dii.betas=[0.9,0.99]``, ``resume=latest``, ``data.root=nul
 is an error that lists the valid ones; an old key that was renamed (:data:`ALIASES`) still sets the new
 one. The resolved config is written as ``config.yaml`` in the run directory.
 
-Every default has a one-line comment; docs/training.md has the same information as tables.
+Every default has a one-line comment. These dataclasses are the one source of the defaults:
+docs/training.md's table of keys and configs/synthetic.yaml repeat some of them for readers, and the
+tests check both against them (tests/test_docs.py, tests/test_config.py).
 """
 
 from __future__ import annotations
