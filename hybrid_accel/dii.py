@@ -235,6 +235,8 @@ class DIIUpdater:
 
     ``dataset`` must be the training split without augmentation (the eval transform), with weak
     images carrying their weak masks; ``strong_indices`` / ``weak_indices`` are its dataset indices.
+    ``batch_size`` is the training batch size per process (``train.batch_size``): the size of one of
+    the ``dii.strong_batches`` batches drawn for g_S on each process.
     """
 
     def __init__(
@@ -246,7 +248,7 @@ class DIIUpdater:
         cfg: Any,
         seed: int,
         ignore_index: int = 255,
-        batch_size_strong: int = 8,
+        batch_size: int = 8,
         num_workers: int = 0,
     ):
         self.gamma = gamma
@@ -256,7 +258,7 @@ class DIIUpdater:
         self.cfg = cfg  # a DIIConfig
         self.seed = seed
         self.ignore_index = ignore_index
-        self.batch_size_strong = batch_size_strong
+        self.batch_size = batch_size
         self.num_workers = num_workers
 
     def strong_set(self, step: int, world: int) -> list[int]:
@@ -265,7 +267,7 @@ class DIIUpdater:
         k = self.cfg.strong_batches
         if k <= 0:
             return self.strong_indices.tolist()
-        want = k * self.batch_size_strong * world
+        want = k * self.batch_size * world
         g = make_generator(self.seed, "dii-strong", step)
         reps = math.ceil(want / n)
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:want]

@@ -580,7 +580,7 @@ def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int)
                    make_generator(cfg.seed, "paste", run.rank, step, micro))
     out1, out2 = dcr_forward(run.nets[0], run.nets[1], x_i, x_j, mix)
     ramp = m.lambda_warmup
-    lam = m.lambda_ * (min(1.0, (step - m.strong_warmup) / ramp) if ramp else 1.0)
+    lam = m.dcr_weight * (min(1.0, (step - m.strong_warmup) / ramp) if ramp else 1.0)
     return dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam, m.paste, m.pseudo_loss, run.ignore,
                     m.dcr_supervision)
 

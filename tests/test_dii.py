@@ -188,7 +188,7 @@ def test_weights_and_due():
 
 def test_updater_scan_subset_and_strong_batches():
     cfg = SimpleNamespace(strong_batches=2, scan="subset", scan_size=3)
-    up = DIIUpdater(GammaState(10), None, np.array([0, 1, 2]), np.arange(3, 13), cfg, seed=0, batch_size_strong=2)
+    up = DIIUpdater(GammaState(10), None, np.array([0, 1, 2]), np.arange(3, 13), cfg, seed=0, batch_size=2)
     s1, s2 = up.scan_set(5), up.scan_set(5)
     assert len(s1) == 3 and np.array_equal(s1, s2) and not np.array_equal(s1, up.scan_set(6))
     strong = up.strong_set(5, world=2)
