@@ -13,7 +13,7 @@
 #   diag   the C++ error path in isolation (direct dispatcher call with bad shapes), with a backtrace on a crash
 #   amp    the trainer for 200 steps under bf16 and under fp16 autocast (both networks, DII and DCR, all ops):
 #          the run must end with finite losses (a NaN/inf loss stops the trainer with a non-zero status)
-#   repro  the reproduction suite's gpu preset (benchmarks/reproduce.py --preset gpu) on hybrid CVC-ClinicDB,
+#   repro  the reproduction suite's gpu preset (benchmarks/run_suite.py --preset gpu) on hybrid CVC-ClinicDB,
 #          which needs ../shared/data/cvc-clinicdb copied into the tree first (see docs/reproduce.md)
 #   cpu    CPU mode: build without CUDA and run the same steps on the CPU (a dry run of this script)
 # At most 8 files come back from the device tool, so logs are grouped per stage.
@@ -132,14 +132,14 @@ if has amp; then
     stamp "amp $mp rc=$rc: $(grep -iE 'nan|inf|test' "$OUT/amp.log" | tail -2 | tr '\n' ' ')"
   done
 fi
-if has repro && [ -f benchmarks/reproduce.py ]; then
+if has repro && [ -f benchmarks/run_suite.py ]; then
   stamp "reproduce: gpu preset"
   if [ "$DEV" = cpu ]; then  # a dry run of the whole pipeline: tiny step count and image size
-    timeout 540 $PY benchmarks/reproduce.py --preset gpu --out /tmp/ha_repro_cpu --jobs 1 --methods full few-strong \
+    timeout 540 $PY benchmarks/run_suite.py --preset gpu --out /tmp/ha_repro_cpu --jobs 1 --methods full few-strong \
       -- train.steps=4 method.strong_warmup=2 dii.tau=1 eval.every=2 train.batch_size=2 "data.image_size=[64,80]" \
       'train.mixed_precision="no"' data.num_workers=0 train.cpu=true > "$OUT/reproduce.log" 2>&1
   else
-    timeout 540 $PY benchmarks/reproduce.py --preset gpu --out /tmp/ha_repro > "$OUT/reproduce.log" 2>&1
+    timeout 540 $PY benchmarks/run_suite.py --preset gpu --out /tmp/ha_repro > "$OUT/reproduce.log" 2>&1
   fi
   stamp "reproduce rc=$?"
 fi

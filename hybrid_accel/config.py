@@ -4,10 +4,12 @@ Precedence is CLI > YAML > defaults. A YAML file may start from another one with
 (a path relative to the file), so each baseline or ablation is a few lines on top of a paper setting.
 Overrides name a field as ``section.key=value`` (or ``key=value`` for the top-level fields); values
 are parsed as YAML (``dii.betas=[0.9,0.99]``, ``resume=latest``, ``data.root=null``). An unknown key
-is an error that lists the valid ones. The resolved config is written as ``config.yaml`` in the run
-directory.
+is an error that lists the valid ones; an old key that was renamed (:data:`ALIASES`) still sets the new
+one. The resolved config is written as ``config.yaml`` in the run directory.
 
-Every default has a one-line comment; docs/training.md has the same information as tables.
+Every default has a one-line comment. These dataclasses are the one source of the defaults:
+docs/training.md's table of keys and configs/synthetic.yaml repeat some of them for readers, and the
+tests check both against them (tests/test_docs.py, tests/test_config.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "save_config",
     "valid_keys",
     "validate_config",
+    "ALIASES",
 ]
 
 
@@ -102,10 +105,11 @@ class MethodConfig:
     dii: bool = True  # learn a weight gamma per weak image (dynamic instance indicators)
     dcr: bool = True  # two networks regularising each other on pasted images (dynamic co-regularisation)
     dii_sampling: bool = True  # primary sampler draws by weight (strong 1, weak gamma); else uniform
+    sampling_floor: float = 0.0  # with dii_sampling, a weak image is drawn by max(gamma, floor) (paper: 0)
     paste: str = "foreground"  # DCR mixing: foreground (paste a class region of x_i) | cutmix (random box)
     pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
-    lambda_: float = 4.0  # weight of the DCR regularisation term (paper: 4)
-    lambda_warmup: int = 50  # ramp lambda linearly from 0 over this many steps after strong_warmup (paper: none, 0)
+    dcr_weight: float = 4.0  # weight of the DCR regularisation term (the paper's lambda: 4); old key: lambda_
+    lambda_warmup: int = 50  # ramp lambda (dcr_weight) linearly from 0 over this many steps after strong_warmup (paper: none, 0)
     dcr_supervision: str = "both"  # both: each net learns x_i and x_j (authors' code) | split: net 1 learns x_i, net 2 x_j (Eq. 7)
     strong_warmup: int = 150  # first steps on exact masks only (no weak image, no DCR term, no gamma update); paper: 0
 
@@ -267,7 +271,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# old key -> its current name; accepted in YAML files, overrides and saved configs
+ALIASES = {"method.lambda_": "method.dcr_weight"}
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
+    key = ALIASES.get(key, key)
     parts = key.split(".")
     obj: Any = cfg
     for p in parts[:-1]:
@@ -420,8 +429,8 @@ def validate_config(cfg: Config) -> None:
         p.append(f"method.strong_warmup={m.strong_warmup}: must be in [0, train.steps={t.steps})")
     if cfg.optim.head_lr_mult <= 0:
         p.append(f"optim.head_lr_mult={cfg.optim.head_lr_mult}: must be positive")
-    if m.lambda_ < 0:
-        p.append(f"method.lambda_={m.lambda_}: the DCR regularisation weight cannot be negative")
+    if m.dcr_weight < 0:
+        p.append(f"method.dcr_weight={m.dcr_weight}: the DCR regularisation weight cannot be negative")
     if d.lr <= 0:
         p.append(f"dii.lr={d.lr}: the gamma learning rate must be positive")
     if len(d.betas) != 2 or not all(0 <= b < 1 for b in d.betas):
@@ -463,6 +472,8 @@ def validate_config(cfg: Config) -> None:
                  "has only one kind (set method.dii=false for this baseline)")
     if m.dii_sampling and not m.dii:
         p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
+    if not 0.0 <= m.sampling_floor <= 1.0:
+        p.append(f"method.sampling_floor={m.sampling_floor}: a sampling weight between 0 and 1 (strong images weigh 1)")
     p += _eval_problems(cfg)
     p += _model_problems(cfg)
     blocker = next((d for d in [Path(cfg.out_dir).expanduser(), *Path(cfg.out_dir).expanduser().parents]

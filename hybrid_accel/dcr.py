@@ -24,9 +24,13 @@ Supervision (``method.dcr_supervision``): ``split`` is Eq. 7 as written (network
 network 2 ``x_j``); ``both`` is the authors' code, each network learns both images,
 ``w_i l1(x_i) + w_j l1(x_j)`` (and the same for network 2), averaged over the 2B images.
 
-The paper trains with lambda = 4 from the first step and no ramp; ``method.lambda_warmup`` ramps it
-linearly (default 0 = off), and ``method.strong_warmup`` trains both networks on the exact masks alone
-(:func:`warmup_loss`, no mixing) for a number of steps before weak images and this loss come in.
+The paper trains with lambda = 4 from the first step, without a ramp. The trainer's defaults (see
+``hybrid_accel.config``) warm both parts up instead: ``method.strong_warmup`` trains both networks on the
+exact masks alone (:func:`warmup_loss`, no mixing) for that many steps before weak images and this loss
+come in, and ``method.lambda_warmup`` then ramps lambda linearly from 0 to ``method.dcr_weight``,
+``dcr_weight * min(1, (step - strong_warmup) / lambda_warmup)``; 0 turns either off, as
+``configs/polyp-paper.yaml`` does. The trainer computes the ramp; :func:`dcr_loss` takes the ramped
+value as ``lambda_``.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ from .losses import per_instance_ce
 from .sampling import make_generator
 
 __all__ = ["GammaState", "reference_grad", "centred_reference", "weak_scores", "DIIUpdater", "due",
-           "ce_grad_logits", "classifier_grad", "dii_scores", "write_gamma_csv", "read_gamma_csv"]
+           "ce_grad_logits", "classifier_grad", "dii_scores", "gamma_quality", "describe_update", "write_gamma_csv",
+           "read_gamma_csv", "append_gamma_history"]
 
 
 # ------------------------------------------------------------------ per-instance classifier gradients
@@ -253,6 +254,45 @@ def read_gamma_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return g, q
 
 
+# ------------------------------------------------------------------ gamma's reports and history
+def gamma_quality(gamma: GammaState, quality: np.ndarray) -> dict[str, float]:
+    """``{"dii/spearman_quality": rho}``: Spearman(gamma, true quality of each weak mask) over the weak
+    masks whose quality the data knows (simulated weak masks); ``{}`` when it is undefined."""
+    from .metrics import spearman
+
+    rho = spearman(gamma.gamma.numpy(), np.asarray(quality, dtype=np.float64))
+    return {} if math.isnan(rho) else {"dii/spearman_quality": rho}
+
+
+def describe_update(step: int, stats: dict[str, float]) -> str:
+    """The log line of one gamma update (:meth:`DIIUpdater.update`'s stats, with :func:`gamma_quality`'s)."""
+    rho = stats.get("dii/spearman_quality")
+    return (f"step {step}: gamma update, mean {stats['dii/gamma_mean']:.3f} std {stats['dii/gamma_std']:.3f}, "
+            f"{100 * stats['dii/score_pos_frac']:.0f}% positive scores, "
+            f"strong-set foreground excess {stats['dii/strong_fg_excess']:+.3f}"
+            + (f", Spearman(gamma, true IoU) {rho:.3f}" if rho is not None else "")
+            + f" ({stats['dii/seconds_strong'] + stats['dii/seconds_scan']:.1f} s)")
+
+
+def append_gamma_history(path: Path, step: int, gamma: torch.Tensor) -> None:
+    """Add the snapshot after the DII update at ``step`` to ``<run>/gamma_history.npz``.
+
+    Arrays ``step`` [U] and ``gamma`` [U, n_weak] (weak rank order, as gamma.csv). Rows at or after
+    ``step`` are dropped first: a resumed run redoes them. Rewritten whole (atomically) at each
+    update; at the paper's scale (11k weak images, ~50 updates) that is a few MB every tau steps.
+    """
+    steps, rows = np.zeros(0, dtype=np.int64), np.zeros((0, len(gamma)), dtype=np.float32)
+    if path.is_file():
+        with np.load(path) as f:
+            keep = f["step"] < step
+            steps, rows = f["step"][keep], f["gamma"][keep]
+    steps = np.append(steps, np.int64(step))
+    rows = np.concatenate([rows, gamma.detach().cpu().numpy().astype(np.float32)[None]])
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, step=steps, gamma=rows)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------- the gamma update
 def _forward_features(model: nn.Module, x: torch.Tensor, autocast) -> Any:
     with autocast():
@@ -371,6 +411,8 @@ class DIIUpdater:
 
     ``dataset`` must be the training split without augmentation (the eval transform), with weak
     images carrying their weak masks; ``strong_indices`` / ``weak_indices`` are its dataset indices.
+    ``batch_size`` is the training batch size per process (``train.batch_size``): the size of one of
+    the ``dii.strong_batches`` batches drawn for g_S on each process.
     """
 
     def __init__(
@@ -382,7 +424,7 @@ class DIIUpdater:
         cfg: Any,
         seed: int,
         ignore_index: int = 255,
-        batch_size_strong: int = 8,
+        batch_size: int = 8,
         num_workers: int = 0,
     ):
         self.gamma = gamma
@@ -392,7 +434,7 @@ class DIIUpdater:
         self.cfg = cfg  # a DIIConfig
         self.seed = seed
         self.ignore_index = ignore_index
-        self.batch_size_strong = batch_size_strong
+        self.batch_size = batch_size
         self.num_workers = num_workers
 
     def strong_set(self, step: int, world: int) -> list[int]:
@@ -401,7 +443,7 @@ class DIIUpdater:
         k = self.cfg.strong_batches
         if k <= 0:
             return self.strong_indices.tolist()
-        want = k * self.batch_size_strong * world
+        want = k * self.batch_size * world
         g = make_generator(self.seed, "dii-strong", step)
         reps = math.ceil(want / n)
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:want]

@@ -1,6 +1,6 @@
 """The reproduction suite: every baseline and ablation of DESIGN.md section 4 on one hybrid dataset.
 
-``benchmarks/reproduce.py`` is the command line; this module holds the pieces so the tests can
+``benchmarks/run_suite.py`` is the command line; this module holds the pieces so the tests can
 import them. A suite is: prepare one dataset, train each (method, seed) with the real trainer
 (``python -m hybrid_accel.train`` in a subprocess, or :func:`hybrid_accel.train.train` in this
 process), then read what each run wrote (``test/summary.json``, ``eval/step_*/summary.json``,
@@ -16,6 +16,7 @@ finished.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -30,48 +31,97 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import yaml
 
 from ._plot import pyplot, save
 
-__all__ = ["METHODS", "PRESETS", "Method", "Preset", "prepare_dataset", "run_suite", "collect", "summarize",
-           "format_tables", "plot_gamma_histogram", "plot_curves"]
+__all__ = ["METHODS", "PRESETS", "Method", "Preset", "method_overrides", "prepare_dataset", "run_suite", "collect",
+           "summarize", "format_tables", "plot_gamma_histogram", "plot_curves"]
 
 REPO = Path(__file__).resolve().parents[1]
-_OFF = ["method.dii=false", "method.dcr=false", "method.dii_sampling=false"]
+CONFIGS = REPO / "configs"
+# every method sets these four (the Table 1 columns and the training set), whatever its base has
+SWITCHES = ("data.train_on", "method.dii", "method.dcr", "method.dii_sampling")
+REFERENCE = "polyp.yaml"  # the full method's config; every other method's config starts from it (base:)
+
+
+@functools.lru_cache(maxsize=None)
+def _method_config(config: str) -> Any:
+    """``configs/<config>`` resolved by the trainer's own loader (read once; do not modify the result)."""
+    from .config import load_config
+
+    return load_config(CONFIGS / config)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+_YAML_END = "\n...\n"  # how yaml.safe_dump ends a document that is a plain scalar
+
+
+def _override(key: str, value: Any) -> str:
+    """``key=value`` with the value written so that the trainer's YAML parsing reads it back unchanged."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9)
+    return f"{key}={text.removesuffix(_YAML_END).strip()}"
+
+
+def method_overrides(config: str) -> tuple[str, ...]:
+    """Trainer overrides that turn any setting into the method of ``configs/<config>``.
+
+    The four :data:`SWITCHES`, then every other key (but ``name``) whose value in that file differs
+    from the full method's (:data:`REFERENCE`), in the config's key order.
+    """
+    from .config import valid_keys
+
+    cfg, ref = _method_config(config), _method_config(REFERENCE)
+    rest = [k for k in valid_keys() if k not in SWITCHES and k != "name" and _get(cfg, k) != _get(ref, k)]
+    return tuple(_override(k, _get(cfg, k)) for k in (*SWITCHES, *rest))
 
 
 @dataclass(frozen=True)
 class Method:
     key: str  # run folder prefix and JSON key
     label: str  # row label in the tables
-    overrides: tuple[str, ...]  # trainer switches (the same as configs/polyp-<key>.yaml)
-    config: str  # the repository config with the same switches (checked by the tests)
-    dii: bool = False
-    dcr: bool = False
-    sampling: bool = False
+    config: str  # the method's file in configs/: its switches are read from there
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """Trainer switches of this method (:func:`method_overrides`)."""
+        return method_overrides(self.config)
+
+    @property
+    def dii(self) -> bool:
+        return _method_config(self.config).method.dii
+
+    @property
+    def dcr(self) -> bool:
+        return _method_config(self.config).method.dcr
+
+    @property
+    def sampling(self) -> bool:
+        return _method_config(self.config).method.dii_sampling
 
 
 # DESIGN.md section 4, in the paper's Table 4 order; the last five are Table 1's rows.
 METHODS: tuple[Method, ...] = (
-    Method("weakly-supervised", "Weakly supervised", ("data.train_on=weak", *_OFF, "method.strong_warmup=0"),
-           "polyp-weakly-supervised.yaml"),
-    Method("few-strong", "Few strong", ("data.train_on=strong", *_OFF), "polyp-few-strong.yaml"),
-    Method("fully-supervised", "Fully supervised", ("data.train_on=full", *_OFF), "polyp-fully-supervised.yaml"),
-    Method("naive-hybrid", "Naive hybrid", ("data.train_on=hybrid", *_OFF), "polyp-naive-hybrid.yaml"),
-    Method("dii-only", "DII only", ("data.train_on=hybrid", "method.dii=true", "method.dcr=false",
-                                    "method.dii_sampling=false"), "polyp-dii-only.yaml", dii=True),
-    Method("dcr-only", "DCR only", ("data.train_on=hybrid", "method.dii=false", "method.dcr=true",
-                                    "method.dii_sampling=false"), "polyp-dcr-only.yaml", dcr=True),
-    Method("dii-dcr", "DII + DCR", ("data.train_on=hybrid", "method.dii=true", "method.dcr=true",
-                                    "method.dii_sampling=false"), "polyp-dii-dcr.yaml", dii=True, dcr=True),
-    Method("full", "DII + DCR + DII sampling (ours)", ("data.train_on=hybrid", "method.dii=true", "method.dcr=true",
-                                                         "method.dii_sampling=true"), "polyp.yaml",
-           dii=True, dcr=True, sampling=True),
+    Method("weakly-supervised", "Weakly supervised", "polyp-weakly-supervised.yaml"),
+    Method("few-strong", "Few strong", "polyp-few-strong.yaml"),
+    Method("fully-supervised", "Fully supervised", "polyp-fully-supervised.yaml"),
+    Method("naive-hybrid", "Naive hybrid", "polyp-naive-hybrid.yaml"),
+    Method("dii-only", "DII only", "polyp-dii-only.yaml"),
+    Method("dcr-only", "DCR only", "polyp-dcr-only.yaml"),
+    Method("dii-dcr", "DII + DCR", "polyp-dii-dcr.yaml"),
+    Method("full", "DII + DCR + DII sampling (ours)", REFERENCE),
 )
 BY_KEY = {m.key: m for m in METHODS}
 ABLATION = ("naive-hybrid", "dii-only", "dcr-only", "dii-dcr", "full")  # Table 1, top to bottom
-# relative cost of a step (DCR: two networks over 3B images each, ~6x a plain step); longest first
-_COST = {m.key: (6.0 if m.dcr else 1.0) + (0.3 if m.dii else 0.0) for m in METHODS}
+
+
+def _cost(key: str) -> float:
+    """Relative cost of a step (DCR: two networks over 3B images each, ~6x a plain step); longest first."""
+    m = BY_KEY[key]
+    return (6.0 if m.dcr else 1.0) + (0.3 if m.dii else 0.0)
 
 
 @dataclass
@@ -222,7 +272,7 @@ def run_suite(preset: Preset, out: Path, methods: Sequence[str] | None = None, s
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(BY_KEY)}")
     seeds = list(preset.seeds if seeds is None else seeds)
     # seed-major (a whole first seed finishes first), the costliest runs first within a seed
-    todo = [(m, s) for s in seeds for m in sorted(methods, key=lambda k: -_COST[k])]
+    todo = [(m, s) for s in seeds for m in sorted(methods, key=lambda k: -_cost(k))]
     runner = _run_inprocess if inprocess else _run_subprocess
     jobs = 1 if inprocess else max(1, jobs or preset.jobs)
     records: dict[tuple[str, int], dict] = {}

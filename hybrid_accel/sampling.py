@@ -150,12 +150,14 @@ def make_step_loader(
     )
 
 
-def hybrid_weights(kinds: Sequence[int] | np.ndarray, weak_rank: np.ndarray, gamma: torch.Tensor | None) -> np.ndarray:
-    """Per dataset item: 1 for strong, gamma[weak rank] for weak (1 everywhere when gamma is None)."""
+def hybrid_weights(kinds: Sequence[int] | np.ndarray, weak_rank: np.ndarray, gamma: torch.Tensor | None,
+                   floor: float = 0.0) -> np.ndarray:
+    """Per dataset item: 1 for strong, ``max(gamma[weak rank], floor)`` for weak (1 everywhere when gamma
+    is None). The floor keeps weak images in the primary tutorial while their gammas are still low."""
     kinds = np.asarray(kinds)
     w = np.ones(len(kinds), dtype=np.float64)
     if gamma is not None:
         g = gamma.detach().double().cpu().numpy()
         weak = kinds == 1
-        w[weak] = g[np.asarray(weak_rank)[weak]]
+        w[weak] = np.maximum(g[np.asarray(weak_rank)[weak]], float(floor))
     return w

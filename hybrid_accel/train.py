@@ -25,21 +25,24 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
 from .data import KIND_STRONG
 from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
-from .dii import DIIUpdater, GammaState, due, write_gamma_csv
+from .dii import DIIUpdater, GammaState, append_gamma_history, describe_update, due, gamma_quality, write_gamma_csv
 from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
 
-__all__ = ["main", "train", "TrainingDiverged", "parse_args", "lr_factor"]
+__all__ = ["main", "train", "Run", "setup_run", "train_loop", "train_step_single", "train_step_dcr", "after_step",
+           "finish_run", "TrainingDiverged", "parse_args", "lr_factor"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -249,16 +252,143 @@ class _Meter:
 
 
 # ----------------------------------------------------------------------------------- training
+@dataclass
+class Run:
+    """One training job between two steps: what was built at the start (the accelerator, the data, the
+    prepared networks and optimiser, DII's state) and what moves (the step, the best validation score,
+    the two training iterators). :func:`train` builds it with :func:`setup_run`, advances it with
+    :func:`train_step_single` / :func:`train_step_dcr` and :func:`after_step`, and ends it with
+    :func:`finish_run`."""
+
+    cfg: Config
+    accelerator: Any
+    run_dir: Path
+    ds: dict[str, Any]  # train, scan, val, test (hybrid_accel.data.HybridDataset)
+    nets: list[nn.Module]  # as prepared by accelerate (DDP-wrapped on several processes)
+    optimizer: torch.optim.Optimizer
+    eval_loaders: dict[str, Any]
+    gamma: GammaState | None = None
+    updater: DIIUpdater | None = None
+    tracking: bool = False
+    start: int = 0
+    step: int = 0
+    best: float = -math.inf
+    best_step: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    it_p: Any = None  # primary training iterator (DII sampling: by gamma)
+    it_a: Any = None  # auxiliary training iterator (DCR only; uniform)
+    dump: dict[str, Any] = field(default_factory=dict)  # debug.dump: what the distributed tests compare
+
+    def __post_init__(self):
+        acc = self.accelerator
+        self.train_ds = self.ds["train"]
+        self.raw = [acc.unwrap_model(n) for n in self.nets]
+        self.names = ["primary", "auxiliary"] if len(self.nets) == 2 else ["net"]
+        self.params = [p for n in self.nets for p in n.parameters()]
+        self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
+        self.num_classes, self.ignore = self.train_ds.num_classes, self.cfg.data.ignore_index
+        self.class_names = self.train_ds.manifest.meta.get("class_names")
+        self.weak_rank = np.full(len(self.train_ds), -1, dtype=np.int64)
+        self.weak_rank[self.train_ds.weak_indices] = np.arange(len(self.train_ds.weak_indices))
+        # the samplers' weights during method.strong_warmup
+        self.strong_only = (self.train_ds.kinds == KIND_STRONG).astype(np.float64)
+        self.track_name = self.cfg.eval.model if self.cfg.eval.model != "auto" else (
+            "ensemble" if len(self.nets) == 2 else "net")
+        self.dump = {"rank": self.rank, "samples": {}, "gamma_checksums": {}}
+
+    # ---- samplers (stateless; see hybrid_accel.sampling)
+    def _loader(self, stream: str, step: int, weights: np.ndarray | None):
+        cfg = self.cfg
+        s = StepSampler(len(self.train_ds), cfg.train.batch_size, cfg.seed, stream, self.rank, weights=weights)
+        return iter(make_step_loader(KeyedDataset(self.train_ds), s, step, cfg.train.steps, cfg.train.grad_accum,
+                                     cfg.data.num_workers, self.device.type == "cuda"))
+
+    def primary_loader(self, step: int):
+        m = self.cfg.method
+        if step < m.strong_warmup:
+            w = self.strong_only
+        elif m.dii_sampling:
+            w = hybrid_weights(self.train_ds.kinds, self.weak_rank, self.gamma.gamma, m.sampling_floor)
+        else:
+            w = None
+        return self._loader("primary", step, w)
+
+    def aux_loader(self, step: int):
+        return self._loader("auxiliary", step, self.strong_only if step < self.cfg.method.strong_warmup else None)
+
+    def loss_weights(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-sample loss weights of a batch: 1 for strong images, gamma for weak ones (1 without DII)."""
+        if self.gamma is None:
+            return torch.ones(len(batch["image"])).to(self.device)
+        return self.gamma.weights(batch["weak_index"]).to(self.device)
+
+    # ---- state, evaluation
+    def trainer_state(self, step: int) -> dict[str, Any]:
+        return {"step": step, "best": self.best, "best_step": self.best_step, "history": self.history,
+                "gamma": self.gamma.state_dict() if self.gamma is not None else None, "seed": self.cfg.seed,
+                "config": config_to_dict(self.cfg),
+                # enough to rebuild the networks without the dataset (hybrid_accel.evaluate)
+                "model": dict(self.raw[0].config), "net_names": self.names, "num_classes": self.num_classes,
+                "image_size": list(self.cfg.data.image_size), "class_names": self.class_names}
+
+    def evaluate(self, split: str, out: Path) -> dict:
+        from .evaluate import evaluate
+
+        cfg = self.cfg
+        return evaluate(dict(zip(self.names, self.raw)), self.eval_loaders[split], self.accelerator,
+                        self.num_classes, ignore_index=self.ignore, spacing=tuple(cfg.eval.spacing), out_dir=out,
+                        n_overlays=cfg.eval.overlays, class_names=self.class_names)
+
+    def validate(self) -> None:
+        """Evaluate on the val split; on a new best, save the ``best`` checkpoint."""
+        cfg, acc, step = self.cfg, self.accelerator, self.step
+        summary = self.evaluate("val", self.run_dir / "eval" / ckpt.step_name(step))
+        models = summary["models"]
+        if self.track_name not in models:
+            raise ConfigError(f"eval.model={self.track_name!r}: evaluated models are {', '.join(models)}")
+        value = float(models[self.track_name][cfg.eval.metric])
+        logs = {f"val/{n}/mean_dice": m["mean_dice"] for n, m in models.items()}
+        logs.update({f"val/{n}/mean_assd": m["mean_assd"] for n, m in models.items()})
+        acc.log(logs, step=step)
+        self.history.append({"step": step, cfg.eval.metric: value})
+        improved = value > self.best
+        _say(acc, f"step {step}: val {self.track_name} {cfg.eval.metric} {value:.4f}" + (" (best)" if improved else ""))
+        if self.tracking and acc.is_main_process and cfg.eval.overlays:
+            pngs = sorted((self.run_dir / "eval" / ckpt.step_name(step) / "overlays").glob("*.png"))
+            _wandb_log(acc, lambda wandb: {"val/predictions": [wandb.Image(str(p)) for p in pngs]}, step)
+        if improved:
+            self.best, self.best_step = value, step
+            ckpt.save_checkpoint(acc, self.run_dir, "best", self.trainer_state(step) | {"best": value, "best_step": step})
+
+
 def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
-    """Run one training job; returns ``{"run_dir", "step", "test", "val_best", "gamma"}``."""
+    """Run one training job; returns ``{"run_dir", "step", "test", "val_best", "gamma", "stopped"}``."""
+    run = setup_run(cfg, config_path)
+    try:
+        stopped = train_loop(run)
+    except TrainingDiverged:
+        _finish(run.accelerator, run.tracking)
+        raise
+    gamma = run.gamma
+    result: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.step,
+                              "gamma": None if gamma is None else gamma.gamma.clone(), "test": None,
+                              "val_best": run.best if run.best > -math.inf else None, "stopped": stopped}
+    if cfg.debug.dump:
+        _write_dump(run)
+    if stopped:
+        _say(run.accelerator, f"stopped after step {run.step} (debug.stop_after)")
+        _finish(run.accelerator, run.tracking)
+        return result
+    result["test"] = finish_run(run)
+    return result
+
+
+def setup_run(cfg: Config, config_path: str | None = None) -> Run:
+    """Check the config, start accelerate, resolve the run folder, check and load the data, build and
+    prepare the networks, set up DII, resume, start the trackers. Nothing is written to the run folder
+    before every check has passed."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .data import DatasetError, validate_dataset
-    from .evaluate import evaluate, format_summary
-    from .model import build_model, export_model
 
     validate_config(cfg)
     if cfg.name is None:
@@ -272,14 +402,59 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
     )
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _set_cpu_threads(cfg, accelerator)
     run_dir, resume_from = _resolve_run_dir(cfg, accelerator)  # verifies the checkpoint; writes nothing
+    ds = load_data(cfg, accelerator)
+    nets = build_networks(cfg, accelerator, ds["train"].num_classes)
+    # only now, with config, checkpoint, data and weights checked: a failed check leaves no run folder behind
+    # and a resumed run's config.yaml untouched
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    optimizer = make_optimizer(nets, cfg)
+    eval_loaders = {split: DataLoader(ds[split], batch_size=cfg.eval.batch_size, shuffle=False,
+                                      num_workers=cfg.data.num_workers)
+                    for split in ("val", "test") if len(ds[split])}
+    prepared = accelerator.prepare(*nets, optimizer, *eval_loaders.values())
+    n = len(nets)
+    run = Run(cfg, accelerator, run_dir, ds, list(prepared[:n]), prepared[n],
+              dict(zip(eval_loaders, prepared[n + 1:])), tracking=tracking)
+    if cfg.method.dii:
+        d, train_ds = cfg.dii, ds["train"]
+        run.gamma = GammaState(len(train_ds.weak_indices), d.init, d.lr, d.betas, d.eps, d.clip)
+        run.updater = DIIUpdater(run.gamma, ds["scan"], train_ds.strong_indices, train_ds.weak_indices, d, cfg.seed,
+                                 run.ignore, cfg.train.batch_size, cfg.data.num_workers)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        run.start, run.best, run.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
+        run.history = list(state.get("history", []))
+        if run.gamma is not None:
+            run.gamma.load_state_dict(state["gamma"])
+        _say(accelerator, f"resumed from {resume_from} at step {run.start}")
+    if run.start >= cfg.train.steps:
+        _say(accelerator, f"nothing to train: step {run.start} >= train.steps={cfg.train.steps}")
+    if tracking:
+        _setup_wandb(run_dir)
+        accelerator.init_trackers(cfg.log.project, config=_flat(config_to_dict(cfg)),
+                                  init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir),
+                                                         "resume": "allow", "id": _wandb_id(run_dir)}})
+    run.step = run.start
+    run.it_p = run.primary_loader(run.start)
+    run.it_a = run.aux_loader(run.start) if cfg.method.dcr else None
+    return run
 
-    # ---- data
+
+def load_data(cfg: Config, accelerator: Any) -> dict[str, Any]:
+    """The datasets (:func:`build_datasets`) after the dataset check (``data.check``: every file decoded
+    once, on the main process) and the checks of the config against the data."""
+    from accelerate.utils import broadcast_object_list
+
+    from .data import DatasetError, validate_dataset
+
     root = prepare_data(cfg, accelerator)
     if cfg.data.check:
-        problem = None
+        box: list[str | None] = [None]
         if accelerator.is_main_process:
             try:
                 summary = validate_dataset(root, mask_mapping=cfg.data.mask_mapping,
@@ -288,282 +463,230 @@ def train(cfg: Config, config_path: str | None = None) -> dict[str, Any]:
                 for w in summary["warnings"]:  # e.g. 0/255 masks never mapped: they would train nothing
                     _say(accelerator, f"warning: {w}")
             except DatasetError as e:
-                problem = str(e)
-        from accelerate.utils import broadcast_object_list
-
-        box = [problem]
+                box[0] = str(e)
         broadcast_object_list(box)
         if box[0]:
             raise DatasetError(box[0])
     ds = build_datasets(cfg, root)
-    train_ds = ds["train"]
-    check_against_data(cfg, train_ds)
+    check_against_data(cfg, ds["train"])
     if not len(ds["val"]):
         _say(accelerator, f"warning: {root} has no val images: no best checkpoint is picked and the final test "
                           "uses the last weights")
     if not len(ds["test"]):
         _say(accelerator, f"warning: {root} has no test images: the run ends without a test evaluation")
-    num_classes, ignore = train_ds.num_classes, cfg.data.ignore_index
-    class_names = train_ds.manifest.meta.get("class_names")
-    weak_rank = np.full(len(train_ds), -1, dtype=np.int64)
-    weak_rank[train_ds.weak_indices] = np.arange(len(train_ds.weak_indices))
+    return ds
 
-    # ---- networks, optimiser: one prepare
-    n_nets = 2 if cfg.method.dcr else 1
+
+def build_networks(cfg: Config, accelerator: Any, num_classes: int) -> list[nn.Module]:
+    """One network, or two with DCR: the same (pretrained) encoder, decoders from different seeds."""
+    from .model import build_model
+
+    world, device = accelerator.num_processes, accelerator.device
     sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else (world > 1 and device.type != "cpu")
     nets = []
-    for k in range(n_nets):
-        torch.manual_seed(derive_seed(cfg.seed, "init", k))  # different decoders, same pretrained backbone
+    for k in range(2 if cfg.method.dcr else 1):
+        torch.manual_seed(derive_seed(cfg.seed, "init", k))
         net = build_model(cfg.model.backbone, num_classes, cfg.model.output_stride, tuple(cfg.model.aspp_rates),
                           cfg.model.decoder_channels, pretrained=cfg.model.pretrained,
                           channels_last=cfg.model.channels_last, compile=cfg.model.compile)
         if sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         nets.append(net)
-    params = [p for n in nets for p in n.parameters()]
-    # only now, with config, checkpoint, data and weights checked: a failed check leaves no run folder behind
-    # and a resumed run's config.yaml untouched
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    optimizer = make_optimizer(nets, cfg)
-    eval_loaders = {}
-    for split in ("val", "test"):
-        if len(ds[split]):
-            eval_loaders[split] = DataLoader(ds[split], batch_size=cfg.eval.batch_size, shuffle=False,
-                                             num_workers=cfg.data.num_workers)
-    prepared = accelerator.prepare(*nets, optimizer, *eval_loaders.values())
-    nets = list(prepared[:n_nets])
-    optimizer = prepared[n_nets]
-    eval_loaders = dict(zip(eval_loaders, prepared[n_nets + 1:]))
-    raw = [accelerator.unwrap_model(n) for n in nets]
-    names = ["primary", "auxiliary"] if n_nets == 2 else ["net"]
+    return nets
 
-    # ---- DII
-    gamma = None
-    updater = None
-    if cfg.method.dii:
-        d = cfg.dii
-        gamma = GammaState(len(train_ds.weak_indices), d.init, d.lr, d.betas, d.eps, d.clip)
-        updater = DIIUpdater(gamma, ds["scan"], train_ds.strong_indices, train_ds.weak_indices, d, cfg.seed,
-                             ignore, cfg.train.batch_size, cfg.data.num_workers)
 
-    # ---- resume
-    start, best, best_step, history = 0, -math.inf, -1, []
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from)
-        start, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
-        history = list(state.get("history", []))
-        if gamma is not None:
-            gamma.load_state_dict(state["gamma"])
-        _say(accelerator, f"resumed from {resume_from} at step {start}")
-    if start >= cfg.train.steps:
-        _say(accelerator, f"nothing to train: step {start} >= train.steps={cfg.train.steps}")
+def train_loop(run: Run) -> bool:
+    """Steps from ``run.step`` to ``train.steps``; True when ``debug.stop_after`` ended the loop early."""
+    from tqdm.auto import tqdm
 
-    # ---- trackers
-    if tracking:
-        _setup_wandb(run_dir)
-        accelerator.init_trackers(cfg.log.project, config=_flat(config_to_dict(cfg)),
-                                  init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir),
-                                                         "resume": "allow", "id": _wandb_id(run_dir)}})
-
-    # ---- samplers (stateless; see hybrid_accel.sampling)
+    cfg, acc = run.cfg, run.accelerator
     B, accum, steps = cfg.train.batch_size, cfg.train.grad_accum, cfg.train.steps
-    keyed = KeyedDataset(train_ds)
-
-    warmup = cfg.method.strong_warmup
-    strong_only = (train_ds.kinds == KIND_STRONG).astype(np.float64)  # the samplers' weights during strong_warmup
-
-    def primary_loader(step: int):
-        if step < warmup:
-            w = strong_only
-        else:
-            w = hybrid_weights(train_ds.kinds, weak_rank, gamma.gamma) if cfg.method.dii_sampling else None
-        s = StepSampler(len(train_ds), B, cfg.seed, "primary", rank, weights=w)
-        return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
-
-    def aux_loader(step: int):
-        s = StepSampler(len(train_ds), B, cfg.seed, "auxiliary", rank, weights=strong_only if step < warmup else None)
-        return iter(make_step_loader(keyed, s, step, steps, accum, cfg.data.num_workers, device.type == "cuda"))
-
-    it_p = primary_loader(start)
-    it_a = aux_loader(start) if cfg.method.dcr else None
-    dump: dict[str, Any] = {"rank": rank, "samples": {}, "gamma_checksums": {}}
-
-    def trainer_state(step: int) -> dict[str, Any]:
-        return {"step": step, "best": best, "best_step": best_step, "history": history,
-                "gamma": gamma.state_dict() if gamma is not None else None, "seed": cfg.seed,
-                "config": config_to_dict(cfg),
-                # enough to rebuild the networks without the dataset (hybrid_accel.evaluate)
-                "model": dict(raw[0].config), "net_names": names, "num_classes": num_classes,
-                "image_size": list(cfg.data.image_size), "class_names": class_names}
-
-    def run_eval(split: str, step: int, out: Path) -> dict:
-        models = dict(zip(names, raw))
-        return evaluate(models, eval_loaders[split], accelerator, num_classes, ignore_index=ignore,
-                        spacing=tuple(cfg.eval.spacing), out_dir=out, n_overlays=cfg.eval.overlays,
-                        class_names=class_names)
-
-    track_name = cfg.eval.model if cfg.eval.model != "auto" else ("ensemble" if n_nets == 2 else "net")
+    n_nets = len(run.nets)
     # image passes through a network per optimiser step, for the throughput log
     passes_dcr = (3 * B if cfg.method.dcr else B) * n_nets * accum
     passes_warm = (B if cfg.method.dcr_supervision == "split" or not cfg.method.dcr else 2 * B) * n_nets * accum
-    passes = 0
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (accelerator.is_main_process and cfg.log.progress))
-    meter = _Meter()
-    t_log = time.perf_counter()
-    step = start
-    stopped = False
+    passes, meter, t_log = 0, _Meter(), time.perf_counter()
+    bar = tqdm(total=steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (acc.is_main_process and cfg.log.progress))
     try:
-        while step < steps:
-            _set_train(nets, cfg.model.freeze_bn)  # evaluation and the DII pass switch to eval mode
+        while run.step < steps:
+            step = run.step
+            _set_train(run.nets, cfg.model.freeze_bn)  # evaluation and the DII pass switch to eval mode
             # dropout and anything else on torch's global RNG: a function of (seed, rank, step)
-            torch.manual_seed(derive_seed(cfg.seed, "step", rank, step))
+            torch.manual_seed(derive_seed(cfg.seed, "step", run.rank, step))
             lr = cfg.optim.lr * lr_factor(step, cfg)
-            for gr in optimizer.param_groups:
+            for gr in run.optimizer.param_groups:
                 gr["lr"] = lr * gr["lr_mult"]
-            warming = step < warmup
             for micro in range(accum):
-                bp = next(it_p)
+                bp = next(run.it_p)
                 if cfg.debug.dump and step < 4:
-                    dump["samples"].setdefault(str(step), []).extend(bp["index"].tolist())
-                with accelerator.accumulate(*nets):
-                    x_i = bp["image"].to(device, non_blocking=True)
-                    y_i = bp["mask"].to(device, non_blocking=True)
-                    w_i = (gamma.weights(bp["weak_index"]) if gamma is not None else torch.ones(len(x_i))).to(device)
+                    run.dump["samples"].setdefault(str(step), []).extend(bp["index"].tolist())
+                with acc.accumulate(*run.nets):
                     if cfg.method.dcr:
-                        ba = next(it_a)
-                        x_j = ba["image"].to(device, non_blocking=True)
-                        y_j = ba["mask"].to(device, non_blocking=True)
-                        w_j = (gamma.weights(ba["weak_index"]) if gamma is not None else torch.ones(len(x_j))).to(device)
-                        if warming:
-                            loss, parts = warmup_loss(nets[0], nets[1], x_i, x_j, y_i, y_j, w_i, w_j,
-                                                      cfg.method.dcr_supervision, ignore)
-                        else:
-                            mix = make_mix(x_i, x_j, y_i, num_classes, cfg.method.paste, ignore,
-                                           make_generator(cfg.seed, "paste", rank, step, micro))
-                            out1, out2 = dcr_forward(nets[0], nets[1], x_i, x_j, mix)
-                            ramp = cfg.method.lambda_warmup
-                            lam = cfg.method.lambda_ * (min(1.0, (step - warmup) / ramp) if ramp else 1.0)
-                            loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam,
-                                                   cfg.method.paste, cfg.method.pseudo_loss, ignore,
-                                                   cfg.method.dcr_supervision)
+                        loss, parts = train_step_dcr(run, bp, next(run.it_a), micro)
                     else:
-                        loss, parts = single_loss(nets[0](x_i), y_i, w_i, ignore)
-                    if step + 1 == cfg.debug.nan_at_step:
-                        loss = loss * float("nan")
-                    # a host sync per micro-step: cheap next to a forward/backward, and it stops a
-                    # diverged run before the optimiser writes NaNs into the weights
-                    bad = (~torch.isfinite(loss.detach())).float()
-                    if world > 1:
-                        bad = accelerator.reduce(bad, reduction="sum")
-                    if bad.item() > 0:
-                        raise TrainingDiverged(
-                            f"non-finite loss at step {step + 1} (micro-batch {micro}); stopping. The last good "
-                            f"checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none (no checkpoint was written yet)'}"
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.grad_clip:
-                        accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        loss, parts = train_step_single(run, bp)
+                    optimizer_step(run, loss, micro)
                 meter.add(parts)
-            passes += passes_warm if warming else passes_dcr
-            step += 1
+            passes += passes_warm if step < cfg.method.strong_warmup else passes_dcr
+            run.step += 1
             bar.update(1)
-
-            if step % cfg.log.every == 0 or step == steps:
+            if run.step % cfg.log.every == 0 or run.step == steps:
                 vals = meter.read()
                 dt = time.perf_counter() - t_log
-                ips = passes * world / max(dt, 1e-9)
-                t_log, passes = time.perf_counter(), 0
+                t_log, ips, passes = time.perf_counter(), passes * run.world / max(dt, 1e-9), 0
                 vals.update({"lr": lr, "throughput/image_passes_per_s": ips})
-                accelerator.log(vals, step=step)
+                acc.log(vals, step=run.step)
                 bar.set_postfix(loss=f"{vals.get('loss/total', float('nan')):.4f}", ips=f"{ips:.0f}")
-
-            # with strong_warmup, weak images enter with a first gamma update behind them
-            if updater is not None and (due(step, cfg.dii.tau, max(cfg.dii.warmup, warmup)) or (warmup and step == warmup)):
-                gamma_lr = lr_factor(step, cfg) if cfg.dii.lr_schedule == "poly" else 1.0
-                stats = updater.update(raw[0], accelerator, step, accelerator.autocast, gamma_lr)
-                if cfg.debug.check_gamma and world > 1:
-                    cs = torch.tensor([gamma.checksum()], dtype=torch.float64, device=device)
-                    allcs = accelerator.gather(cs).cpu()
-                    if not torch.all(allcs == allcs[0]):
-                        raise RuntimeError(f"gamma differs across processes after step {step}: {allcs.tolist()}")
-                dump["gamma_checksums"][str(step)] = gamma.checksum()
-                stats.update(_gamma_quality(gamma, train_ds))
-                _log_gamma(accelerator, gamma, stats, step, tracking)
-                if accelerator.is_main_process:
-                    _append_gamma_history(run_dir / "gamma_history.npz", step, gamma.gamma)
-                if cfg.method.dii_sampling:
-                    it_p = primary_loader(step)  # the primary sampler sees the new gamma from this step on
-            if warmup and step == warmup:  # the end of the warm-up: weak images come in
-                if not (updater is not None and cfg.method.dii_sampling):
-                    it_p = primary_loader(step)
-                it_a = aux_loader(step) if cfg.method.dcr else None
-                _say(accelerator, f"step {step}: end of the strong warm-up, weak images and the DCR term come in")
-
-            if "val" in eval_loaders and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
-                best, best_step = _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step,
-                                            history, trainer_state, tracking)
-
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-                ckpt.save_checkpoint(accelerator, run_dir, ckpt.step_name(step), trainer_state(step),
-                                     cfg.checkpoint.keep_last)
-
-            if cfg.debug.stop_after == step:
-                stopped = True
-                break
+            after_step(run)
+            if cfg.debug.stop_after == run.step:
+                return True
+        return False
+    finally:
         bar.close()
-    except TrainingDiverged:
-        bar.close()
-        _finish(accelerator, tracking)
-        raise
 
-    result: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "gamma": None if gamma is None else gamma.gamma.clone(),
-                              "test": None, "val_best": best if best > -math.inf else None, "stopped": stopped}
-    if cfg.debug.dump:
-        (run_dir / "debug").mkdir(parents=True, exist_ok=True)
-        dump["gamma"] = None if gamma is None else gamma.gamma.tolist()
-        dump["weights_checksum"] = float(sum(p.detach().double().sum() for p in params))
-        with open(run_dir / "debug" / f"rank{rank}.json", "w") as f:
-            json.dump(dump, f)
-    if stopped:
-        _say(accelerator, f"stopped after step {step} (debug.stop_after)")
-        _finish(accelerator, tracking)
-        return result
 
-    # ---- final stage: last validation, checkpoint, test, export
-    if "val" in eval_loaders and start < steps:
-        best, best_step = _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step,
-                                    history, trainer_state, tracking)
-    if start < steps or ckpt.latest_checkpoint(run_dir) is None:
-        ckpt.save_checkpoint(accelerator, run_dir, ckpt.step_name(step), trainer_state(step), cfg.checkpoint.keep_last)
-    best_dir = run_dir / ckpt.CKPT_DIR / "best"
+def train_step_single(run: Run, bp: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One network on the primary batch: (weighted) cross-entropy; returns (loss, logged parts)."""
+    x = bp["image"].to(run.device, non_blocking=True)
+    y = bp["mask"].to(run.device, non_blocking=True)
+    return single_loss(run.nets[0](x), y, run.loss_weights(bp), run.ignore)
+
+
+def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict]:
+    """Two networks on the primary batch ``bp`` (x_i) and the auxiliary batch ``ba`` (x_j): during
+    ``method.strong_warmup`` supervised only; then the DCR loss on ``cat[x_i, x_j, x_m]`` with lambda
+    ramped over ``method.lambda_warmup`` steps. Returns (loss, logged parts)."""
+    cfg, m, step, dev = run.cfg, run.cfg.method, run.step, run.device
+    x_i, y_i = bp["image"].to(dev, non_blocking=True), bp["mask"].to(dev, non_blocking=True)
+    x_j, y_j = ba["image"].to(dev, non_blocking=True), ba["mask"].to(dev, non_blocking=True)
+    w_i, w_j = run.loss_weights(bp), run.loss_weights(ba)
+    if step < m.strong_warmup:
+        return warmup_loss(run.nets[0], run.nets[1], x_i, x_j, y_i, y_j, w_i, w_j, m.dcr_supervision, run.ignore)
+    mix = make_mix(x_i, x_j, y_i, run.num_classes, m.paste, run.ignore,
+                   make_generator(cfg.seed, "paste", run.rank, step, micro))
+    out1, out2 = dcr_forward(run.nets[0], run.nets[1], x_i, x_j, mix)
+    ramp = m.lambda_warmup
+    lam = m.dcr_weight * (min(1.0, (step - m.strong_warmup) / ramp) if ramp else 1.0)
+    return dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam, m.paste, m.pseudo_loss, run.ignore,
+                    m.dcr_supervision)
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, micro: int) -> None:
+    """Backward and (on the last micro-batch) the optimiser step; a non-finite loss stops the run before
+    the optimiser writes NaNs into the weights (a host sync per micro-step, cheap next to the step)."""
+    cfg, acc, step = run.cfg, run.accelerator, run.step
+    if step + 1 == cfg.debug.nan_at_step:
+        loss = loss * float("nan")
+    bad = (~torch.isfinite(loss.detach())).float()
+    if run.world > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(
+            f"non-finite loss at step {step + 1} (micro-batch {micro}); stopping. The last good "
+            f"checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none (no checkpoint was written yet)'}"
+        )
+    acc.backward(loss)
+    if acc.sync_gradients and cfg.optim.grad_clip:
+        acc.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def after_step(run: Run) -> None:
+    """What follows an optimiser step: a gamma update when due, the end of the strong warm-up,
+    validation, a checkpoint."""
+    cfg, step, warmup = run.cfg, run.step, run.cfg.method.strong_warmup
+    # with strong_warmup, weak images enter with a first gamma update behind them
+    if run.updater is not None and (due(step, cfg.dii.tau, max(cfg.dii.warmup, warmup)) or (warmup and step == warmup)):
+        gamma_update(run)
+        if cfg.method.dii_sampling:
+            run.it_p = run.primary_loader(step)  # the primary sampler sees the new gamma from this step on
+    if warmup and step == warmup:  # the end of the warm-up: weak images come in
+        if not (run.updater is not None and cfg.method.dii_sampling):
+            run.it_p = run.primary_loader(step)
+        run.it_a = run.aux_loader(step) if cfg.method.dcr else None
+        _say(run.accelerator, f"step {step}: end of the strong warm-up, weak images and the DCR term come in")
+    if "val" in run.eval_loaders and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+        run.validate()
+    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+        ckpt.save_checkpoint(run.accelerator, run.run_dir, ckpt.step_name(step), run.trainer_state(step),
+                             cfg.checkpoint.keep_last)
+
+
+def gamma_update(run: Run) -> None:
+    """One DII update of gamma from the primary network, then its log line, metrics and history."""
+    cfg, acc, step, gamma = run.cfg, run.accelerator, run.step, run.gamma
+    gamma_lr = lr_factor(step, cfg) if cfg.dii.lr_schedule == "poly" else 1.0
+    stats = run.updater.update(run.raw[0], acc, step, acc.autocast, gamma_lr)
+    if cfg.debug.check_gamma and run.world > 1:
+        cs = torch.tensor([gamma.checksum()], dtype=torch.float64, device=run.device)
+        allcs = acc.gather(cs).cpu()
+        if not torch.all(allcs == allcs[0]):
+            raise RuntimeError(f"gamma differs across processes after step {step}: {allcs.tolist()}")
+    run.dump["gamma_checksums"][str(step)] = gamma.checksum()
+    stats.update(gamma_quality(gamma, run.train_ds.quality[run.train_ds.weak_indices]))
+    acc.log(stats, step=step)
+    if run.tracking and acc.is_main_process:
+        _wandb_log(acc, lambda wandb: {"dii/gamma": wandb.Histogram(gamma.gamma.numpy())}, step)
+    _say(acc, describe_update(step, stats))
+    if acc.is_main_process:
+        append_gamma_history(run.run_dir / "gamma_history.npz", step, gamma.gamma)
+
+
+def finish_run(run: Run) -> dict | None:
+    """The last validation and checkpoint, the test (on the best validation weights with
+    ``eval.test_on=best``), the export of every network and gamma.csv; returns the test summary."""
+    from .evaluate import format_summary
+    from .model import export_model
+
+    cfg, acc, step = run.cfg, run.accelerator, run.step
+    if "val" in run.eval_loaders and run.start < cfg.train.steps:
+        run.validate()
+    if run.start < cfg.train.steps or ckpt.latest_checkpoint(run.run_dir) is None:
+        ckpt.save_checkpoint(acc, run.run_dir, ckpt.step_name(step), run.trainer_state(step), cfg.checkpoint.keep_last)
+    best_dir = run.run_dir / ckpt.CKPT_DIR / "best"
     test_from = "last"
-    if cfg.eval.test_on == "best" and (best_dir / ckpt.TRAINER_STATE).is_file() and best_step != step:
-        accelerator.load_state(str(best_dir))
-        test_from = f"best (step {best_step})"
-    if "test" in eval_loaders:
-        summary = run_eval("test", step, run_dir / "test")
-        result["test"] = summary
-        _say(accelerator, f"test ({test_from} weights, {summary['n_images']} images):\n{format_summary(summary)}")
-        m = summary["models"][track_name]
-        accelerator.log({"test/mean_dice": m["mean_dice"], "test/mean_assd": m["mean_assd"]}, step=step)
-        _say(accelerator, f"test {track_name}: Dice {m['mean_dice']:.4f}  ASSD {m['mean_assd']:.3f}")
-    if accelerator.is_main_process:
-        size = list(cfg.data.image_size)
-        for name, net in zip(names, raw):
-            export_model(net, run_dir / "export" / f"{name}.safetensors",
-                         {"name": name, "image_size": size, "num_classes": num_classes, "class_names": class_names,
-                          "ignore_index": ignore, "weights": test_from, "train_config": config_to_dict(cfg)})
-        if gamma is not None:
-            write_gamma_csv(run_dir / "gamma.csv", gamma, train_ds)
-        _say(accelerator, f"exported {', '.join(names)} to {run_dir / 'export'}")
-    _finish(accelerator, tracking)
-    return result
+    if cfg.eval.test_on == "best" and (best_dir / ckpt.TRAINER_STATE).is_file() and run.best_step != step:
+        acc.load_state(str(best_dir))
+        test_from = f"best (step {run.best_step})"
+    summary = None
+    if "test" in run.eval_loaders:
+        summary = run.evaluate("test", run.run_dir / "test")
+        _say(acc, f"test ({test_from} weights, {summary['n_images']} images):\n{format_summary(summary)}")
+        m = summary["models"][run.track_name]
+        acc.log({"test/mean_dice": m["mean_dice"], "test/mean_assd": m["mean_assd"]}, step=step)
+        _say(acc, f"test {run.track_name}: Dice {m['mean_dice']:.4f}  ASSD {m['mean_assd']:.3f}")
+    if acc.is_main_process:
+        for name, net in zip(run.names, run.raw):
+            export_model(net, run.run_dir / "export" / f"{name}.safetensors",
+                         {"name": name, "image_size": list(cfg.data.image_size), "num_classes": run.num_classes,
+                          "class_names": run.class_names, "ignore_index": run.ignore, "weights": test_from,
+                          "train_config": config_to_dict(cfg)})
+        if run.gamma is not None:
+            write_gamma_csv(run.run_dir / "gamma.csv", run.gamma, run.train_ds)
+        _say(acc, f"exported {', '.join(run.names)} to {run.run_dir / 'export'}")
+    _finish(acc, run.tracking)
+    return summary
+
+
+def _write_dump(run: Run) -> None:
+    """``debug.dump``: the first steps' samples, gamma's checksums, gamma and a weight checksum per rank."""
+    (run.run_dir / "debug").mkdir(parents=True, exist_ok=True)
+    run.dump["gamma"] = None if run.gamma is None else run.gamma.gamma.tolist()
+    run.dump["weights_checksum"] = float(sum(p.detach().double().sum() for p in run.params))
+    with open(run.run_dir / "debug" / f"rank{run.rank}.json", "w") as f:
+        json.dump(run.dump, f)
+
+
+def _wandb_log(accelerator: Any, make: Any, step: int) -> None:
+    """Log ``make(wandb)`` to the wandb tracker: images and histograms are niceties, never a reason to stop."""
+    try:
+        import wandb
+
+        accelerator.get_tracker("wandb").log(make(wandb), step=step)
+    except Exception:
+        pass
 
 
 def cpu_thread_count(requested: int, processes: int, load: float, cores: int) -> int:
@@ -633,79 +756,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _wandb_id(run_dir: Path) -> str:
     # stable per run directory, so a resumed run appends to the same wandb run
     return f"{run_dir.name[:40]}-{derive_seed(str(run_dir.resolve())) % 16**8:08x}"
-
-
-def _gamma_quality(gamma: GammaState, train_ds: Any) -> dict[str, float]:
-    """Spearman(gamma, true quality of the weak mask) when the dataset knows the quality (simulated weak labels)."""
-    from .metrics import spearman
-
-    q = np.asarray(train_ds.quality)[train_ds.weak_indices]
-    rho = spearman(gamma.gamma.numpy(), q)
-    return {} if math.isnan(rho) else {"dii/spearman_quality": rho}
-
-
-def _log_gamma(accelerator: Any, gamma: GammaState, stats: dict, step: int, tracking: bool) -> None:
-    accelerator.log(stats, step=step)
-    if tracking and accelerator.is_main_process:
-        try:
-            import wandb
-
-            accelerator.get_tracker("wandb").log({"dii/gamma": wandb.Histogram(gamma.gamma.numpy())}, step=step)
-        except Exception:  # the histogram is a nicety; never stop training for it
-            pass
-    rho = stats.get("dii/spearman_quality")
-    _say(accelerator, 
-        f"step {step}: gamma update, mean {stats['dii/gamma_mean']:.3f} std {stats['dii/gamma_std']:.3f}, "
-        f"{100 * stats['dii/score_pos_frac']:.0f}% positive scores, "
-        f"strong-set foreground excess {stats['dii/strong_fg_excess']:+.3f}"
-        + (f", Spearman(gamma, true IoU) {rho:.3f}" if rho is not None else "")
-        + f" ({stats['dii/seconds_strong'] + stats['dii/seconds_scan']:.1f} s)"
-    )
-
-
-def _validate(run_eval, accelerator, run_dir, step, track_name, cfg, best, best_step, history, trainer_state, tracking):
-    summary = run_eval("val", step, run_dir / "eval" / ckpt.step_name(step))
-    models = summary["models"]
-    if track_name not in models:
-        raise ConfigError(f"eval.model={track_name!r}: evaluated models are {', '.join(models)}")
-    value = float(models[track_name][cfg.eval.metric])
-    logs = {f"val/{n}/mean_dice": m["mean_dice"] for n, m in models.items()}
-    logs.update({f"val/{n}/mean_assd": m["mean_assd"] for n, m in models.items()})
-    accelerator.log(logs, step=step)
-    history.append({"step": step, cfg.eval.metric: value})
-    improved = value > best
-    _say(accelerator, f"step {step}: val {track_name} {cfg.eval.metric} {value:.4f}" + (" (best)" if improved else ""))
-    if tracking and accelerator.is_main_process and cfg.eval.overlays:
-        try:
-            import wandb
-
-            pngs = sorted((run_dir / "eval" / ckpt.step_name(step) / "overlays").glob("*.png"))
-            accelerator.get_tracker("wandb").log({"val/predictions": [wandb.Image(str(p)) for p in pngs]}, step=step)
-        except Exception:
-            pass
-    if improved:
-        best, best_step = value, step
-        ckpt.save_checkpoint(accelerator, run_dir, "best", trainer_state(step) | {"best": best, "best_step": step})
-    return best, best_step
-
-
-def _append_gamma_history(path: Path, step: int, gamma: torch.Tensor) -> None:
-    """Add the snapshot after the DII update at ``step`` to ``<run>/gamma_history.npz``.
-
-    Arrays ``step`` [U] and ``gamma`` [U, n_weak] (weak rank order, as gamma.csv). Rows at or after
-    ``step`` are dropped first: a resumed run redoes them. Rewritten whole (atomically) at each
-    update; at the paper's scale (11k weak images, ~50 updates) that is a few MB every tau steps.
-    """
-    steps, rows = np.zeros(0, dtype=np.int64), np.zeros((0, len(gamma)), dtype=np.float32)
-    if path.is_file():
-        with np.load(path) as f:
-            keep = f["step"] < step
-            steps, rows = f["step"][keep], f["gamma"][keep]
-    steps = np.append(steps, np.int64(step))
-    rows = np.concatenate([rows, gamma.detach().cpu().numpy().astype(np.float32)[None]])
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, step=steps, gamma=rows)
-    os.replace(tmp, path)
 
 
 def _finish(accelerator: Any, tracking: bool) -> None:

@@ -64,7 +64,9 @@ def test_type_errors():
     [
         ("dii.tau=0", "dii.tau"),
         ("dii.tau=-5", "dii.tau"),
-        ("method.lambda_=-1", "method.lambda_"),
+        ("method.sampling_floor=1.5", "method.sampling_floor"),
+        ("method.dcr_weight=-1", "method.dcr_weight"),
+        ("method.lambda_=-1", "method.dcr_weight"),  # the old name, an alias
         ("method.paste=mixup", "method.paste"),
         ("optim.name=adam", "optim.name"),
         ("dii.score=plain", "dii.score"),
@@ -103,12 +105,34 @@ def test_shipped_configs_load_and_validate():
     paper = load_config(CONFIGS / "polyp-paper.yaml")
     assert paper.model.backbone == "resnet50" and paper.train.batch_size == 16
     assert paper.optim.lr == 0.002 and paper.optim.momentum == 0.9 and paper.optim.weight_decay == 5e-5
-    assert paper.dii.tau == 400 and paper.dii.lr == 0.1 and paper.method.lambda_ == 4
+    assert paper.dii.tau == 400 and paper.dii.lr == 0.1 and paper.method.dcr_weight == 4
     assert paper.method.strong_warmup == 0 and paper.dii.init == 0.5 and paper.optim.name == "sgd"
     polyp = load_config(CONFIGS / "polyp.yaml")  # the recommended setting on top of the paper's
     assert polyp.model.pretrained == "imagenet" and polyp.method.strong_warmup > 0 and polyp.dii.init == 0.1
-    assert polyp.method.lambda_ == 4 and polyp.train.steps == paper.train.steps
+    assert polyp.method.dcr_weight == 4 and polyp.train.steps == paper.train.steps
     assert isinstance(Config(), Config)
+
+
+def test_old_key_lambda_is_an_alias_of_dcr_weight(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("method:\n  lambda_: 2.5\n")
+    assert load_config(f).method.dcr_weight == 2.5
+    assert load_config(None, ["method.lambda_=3"]).method.dcr_weight == 3.0
+    assert load_config(None, ["method={lambda_: 1.5, dcr: true}"]).method.dcr_weight == 1.5
+    assert load_config(f, ["method.dcr_weight=0.5"]).method.dcr_weight == 0.5  # CLI over YAML, whichever name
+    old = config_to_dict(Config())
+    old["method"]["lambda_"] = old["method"].pop("dcr_weight") * 2  # config.yaml of a run from before the rename
+    assert config_from_dict(old).method.dcr_weight == 8.0
+    assert "method.lambda_" not in valid_keys() and not hasattr(Config().method, "lambda_")
+
+
+def test_synthetic_yaml_is_exactly_the_defaults():
+    # configs/synthetic.yaml spells the default run out for users; the dataclasses are the source, so it
+    # must resolve to exactly their defaults (its run name aside)
+    cfg = load_config(CONFIGS / "synthetic.yaml")
+    assert cfg.name == "synthetic-polyp"
+    cfg.name = Config().name
+    assert config_to_dict(cfg) == config_to_dict(Config())
 
 
 def test_bare_no_reads_as_the_string_no():

@@ -201,7 +201,7 @@ def test_weights_and_due():
 
 def test_updater_scan_subset_and_strong_batches():
     cfg = SimpleNamespace(strong_batches=2, scan="subset", scan_size=3)
-    up = DIIUpdater(GammaState(10), None, np.array([0, 1, 2]), np.arange(3, 13), cfg, seed=0, batch_size_strong=2)
+    up = DIIUpdater(GammaState(10), None, np.array([0, 1, 2]), np.arange(3, 13), cfg, seed=0, batch_size=2)
     s1, s2 = up.scan_set(5), up.scan_set(5)
     assert len(s1) == 3 and np.array_equal(s1, s2) and not np.array_equal(s1, up.scan_set(6))
     strong = up.strong_set(5, world=2)
@@ -253,6 +253,16 @@ def test_sampler_is_stateless_and_weighted():
     other = StepSampler(4, 64, seed=3, stream="primary", rank=1, weights=w)
     assert not np.array_equal(s.indices(10), other.indices(10))
     assert s.batch(10)[0][1] != other.batch(10)[0][1]  # augmentation seeds differ per rank too
+
+
+def test_sampling_floor_keeps_low_gamma_weak_images_in_the_draw():
+    kinds, rank = np.array([0, 1, 1, 1]), np.array([-1, 0, 1, 2])
+    g = torch.tensor([0.0, 0.9, 0.1])
+    assert hybrid_weights(kinds, rank, g, floor=0.3).tolist() == pytest.approx([1.0, 0.3, 0.9, 0.3])
+    assert hybrid_weights(kinds, rank, g).tolist() == pytest.approx([1.0, 0.0, 0.9, 0.1])  # paper: no floor
+    s = StepSampler(4, 4000, seed=0, stream="primary", weights=hybrid_weights(kinds, rank, g, floor=0.3))
+    share = np.bincount(s.indices(0), minlength=4) / 4000
+    assert share[1] == pytest.approx(0.3 / 2.5, abs=0.03) and share[2] == pytest.approx(0.9 / 2.5, abs=0.03)
 
 
 def test_weight_score_drops_the_bias_term():

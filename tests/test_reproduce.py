@@ -26,24 +26,27 @@ def _tiny_preset():
                            "size": 32, "strong_count": 4, "seed": 1})
 
 
-def _switches(path: Path) -> dict:
-    """method.* and data.train_on of a config file, following its base: chain."""
-    d = yaml.safe_load(path.read_text())
-    out = _switches(path.parent / d["base"]) if "base" in d else {}
-    for k, v in (d.get("method") or {}).items():
-        out[f"method.{k}"] = v
-    if "train_on" in (d.get("data") or {}):
-        out["data.train_on"] = d["data"]["train_on"]
-    return out
-
-
 @pytest.mark.parametrize("method", rp.METHODS, ids=lambda m: m.key)
-def test_method_switches_match_the_repository_configs(method):
-    cfg = _switches(REPO / "configs" / method.config)
-    mine = dict(o.split("=", 1) for o in method.overrides)
-    for key in ("method.dii", "method.dcr", "method.dii_sampling"):
-        assert str(cfg[key]).lower() == mine[key], (method.key, key)
-    assert cfg.get("data.train_on", "hybrid") == mine["data.train_on"]
+def test_method_overrides_are_the_method_config(method):
+    # a method's switches are read from its config file: on top of the full method's config they give that file
+    from hybrid_accel.config import config_to_dict, load_config
+
+    own = load_config(REPO / "configs" / method.config)
+    if method.config != rp.REFERENCE:
+        assert yaml.safe_load((REPO / "configs" / method.config).read_text())["base"] == rp.REFERENCE
+    rebuilt = load_config(REPO / "configs" / rp.REFERENCE, [*method.overrides, f"name={own.name}"])
+    assert config_to_dict(rebuilt) == config_to_dict(own)
+    assert [o.split("=")[0] for o in method.overrides[:4]] == list(rp.SWITCHES)
+    assert (method.dii, method.dcr, method.sampling) == (own.method.dii, own.method.dcr, own.method.dii_sampling)
+
+
+def test_methods_table_rows():
+    flags = {k: (rp.BY_KEY[k].dii, rp.BY_KEY[k].dcr, rp.BY_KEY[k].sampling) for k in rp.ABLATION}
+    assert flags["naive-hybrid"] == (False, False, False) and flags["full"] == (True, True, True)
+    assert len(set(flags.values())) == len(rp.ABLATION)  # Table 1: each row one combination
+    assert rp.BY_KEY["full"].overrides == ("data.train_on=hybrid", "method.dii=true", "method.dcr=true",
+                                           "method.dii_sampling=true")
+    assert rp.BY_KEY["weakly-supervised"].overrides[-1] == "method.strong_warmup=0"  # no exact mask to warm up on
 
 
 def test_presets_resolve_to_valid_configs():
@@ -106,7 +109,7 @@ def test_tiny_suite_all_methods_tables_and_figures(tmp_path):
 def test_command_line_subprocess_runner(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("reproduce_cli", REPO / "benchmarks" / "reproduce.py")
+    spec = importlib.util.spec_from_file_location("run_suite_cli", REPO / "benchmarks" / "run_suite.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     preset = _tiny_preset()

@@ -443,11 +443,11 @@ def test_training_warns_of_empty_splits_and_unmapped_binary_masks(tmp_path, caps
 # ------------------------------------------------------------------ 12: output that scales
 def test_size_listing_is_summarised(tiny_data):
     from hybrid_accel.data import validate_dataset
-    from hybrid_accel.data.validate import format_summary
+    from hybrid_accel.data.validate import format_data_summary
 
     s = validate_dataset(tiny_data, workers=1)
     s["image_sizes"] = {f"{300 + k}x{200 + k % 7}": 1 + (k == 17) * 40 for k in range(300)}  # 300 sizes
-    line = next(x for x in format_summary(s).splitlines() if x.startswith("image sizes"))
+    line = next(x for x in format_data_summary(s).splitlines() if x.startswith("image sizes"))
     assert len(line) < 250
     assert line.startswith("image sizes (WxH): 317x203: 41, ")
     assert "and 295 more images in 295 other sizes (300 sizes, width 300..599, height 200..206)" in line

@@ -80,7 +80,7 @@ def test_config_errors_fail_before_training(tiny_data, tmp_path, capsys):
     assert "larger than the training set (20 images)" in capsys.readouterr().err
     assert trainer.main(base + ["name=e2", "dii.tau=0", "method.lambda_=-1"]) == 2
     err = capsys.readouterr().err
-    assert "dii.tau=0" in err and "method.lambda_=-1" in err
+    assert "dii.tau=0" in err and "method.dcr_weight=-1" in err  # method.lambda_: the old name of the key
     assert trainer.main(base + ["name=e3", "bogus.key=1"]) == 2
     assert "unknown config key 'bogus.key'" in capsys.readouterr().err
     assert trainer.main(base + ["name=e4", "resume=latest"]) == 2

@@ -27,7 +27,7 @@ from .manifest import (
 )
 from .synthetic import asoct_sample, polyp_sample, synthetic_sample
 from .transforms import AugmentConfig, transform_pair
-from .validate import format_summary, validate_dataset
+from .validate import format_data_summary, validate_dataset
 from .weak import WeakSpec, simulate, weak_quality
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "WeakSpec",
     "asoct_sample",
     "find_pairs",
-    "format_summary",
+    "format_data_summary",
     "load_manifest",
     "load_meta",
     "make_synthetic_dataset",

@@ -13,7 +13,7 @@ import time
 
 from .build import make_synthetic_hybrid, prepare_hybrid
 from .errors import DatasetError
-from .validate import format_summary, validate_dataset
+from .validate import format_data_summary, validate_dataset
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(root, args, **kw) -> dict:
     summary = validate_dataset(root, progress=not args.no_progress, **kw)
-    print(json.dumps(summary, indent=1, default=str) if getattr(args, "json", False) else format_summary(summary))
+    print(json.dumps(summary, indent=1, default=str) if getattr(args, "json", False) else format_data_summary(summary))
     return summary
 
 

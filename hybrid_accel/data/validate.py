@@ -102,7 +102,7 @@ def validate_dataset(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Check every row and file of the dataset at ``root``; return a summary (see
-    :func:`format_summary`) or raise :class:`DatasetError` listing every problem.
+    :func:`format_data_summary`) or raise :class:`DatasetError` listing every problem.
 
     ``require_strong``: the train split must hold at least one strong image (every method but
     the weakly supervised baseline needs one). ``decode_images=False`` reads image headers only
@@ -206,7 +206,7 @@ def _format_sizes(sizes: Mapping[str, int], shown: int = 5) -> str:
     return text
 
 
-def format_summary(s: Mapping[str, Any]) -> str:
+def format_data_summary(s: Mapping[str, Any]) -> str:
     """A human-readable table of :func:`validate_dataset`'s summary."""
     names = s.get("class_names") or [str(c) for c in range(s["num_classes"])]
     lines = [f"dataset {s['manifest']}: {s['n_images']} images, {s['num_classes']} classes "

@@ -1,10 +1,10 @@
 """Reproduce the paper's tables with our own runs: every baseline and ablation, several seeds.
 
-    python benchmarks/reproduce.py --preset cpu                  # synthetic polyps, this 2-core machine
-    python benchmarks/reproduce.py --preset gpu --out runs/repro-gpu   # hybrid CVC-ClinicDB on one H100
-    python benchmarks/reproduce.py --preset cpu --seeds 0 1 2 --methods full naive-hybrid few-strong
-    python benchmarks/reproduce.py --preset cpu --report         # tables from the runs that finished
-    python benchmarks/reproduce.py --preset cpu --methods full -- train.steps=800   # trainer overrides after --
+    python benchmarks/run_suite.py --preset cpu                  # hybrid CVC-ClinicDB, this 2-core machine
+    python benchmarks/run_suite.py --preset gpu --out runs/repro-gpu   # hybrid CVC-ClinicDB on one H100
+    python benchmarks/run_suite.py --preset cpu --seeds 0 1 2 --methods full naive-hybrid few-strong
+    python benchmarks/run_suite.py --preset cpu --report         # tables from the runs that finished
+    python benchmarks/run_suite.py --preset cpu --methods full -- train.steps=800   # trainer overrides after --
 
 Methods (DESIGN.md section 4): weakly-supervised, few-strong, fully-supervised, naive-hybrid,
 dii-only, dcr-only, dii-dcr, full (= DII + DCR + DII sampling). Each run is
@@ -29,7 +29,7 @@ from hybrid_accel.reproduce import BY_KEY, PRESETS, report, run_suite  # noqa: E
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/reproduce.py", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python benchmarks/run_suite.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets:\n" + "\n".join(f"  {k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     preset = PRESETS[a.preset]
     out = Path(a.out or f"runs/reproduce-{a.preset}")
     extra = list(a.overrides) + ([f"model.pretrained={a.pretrained}"] if a.pretrained else [])
-    command = "python benchmarks/reproduce.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None
+    command = "python benchmarks/run_suite.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None
                                                                                        else sys.argv[1:]))
     runs = None
     if not a.report:
