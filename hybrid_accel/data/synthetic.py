@@ -66,6 +66,111 @@ def _blob(rng, yy, xx, cy, cx, r0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 FAINT = 0.35  # default share of polyps whose colour differs from the mucosa by only 2-8%
 
 
+def _mucosa(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """The empty frame, float32 RGB [H, W, 3]: a pink-orange base with multi-scale texture,
+    vessels (ridges of a noise field) and dark folds."""
+    r = rng.uniform(0.55, 0.85)
+    base = np.array([r, r * rng.uniform(0.35, 0.55), r * rng.uniform(0.25, 0.45)], dtype=np.float32)
+    tex = 0.5 * smooth_noise(rng, size, 3) + 0.3 * smooth_noise(rng, size, 12) + 0.2 * smooth_noise(rng, size, 40)
+    lum = 1.0 + rng.uniform(0.06, 0.18) * tex
+    vessels = np.exp(-((smooth_noise(rng, size, 10) / 0.06) ** 2)) * rng.uniform(0.0, 0.25)
+    folds = np.exp(-((smooth_noise(rng, size, 2.5) / rng.uniform(0.05, 0.12)) ** 2)) * rng.uniform(0.0, 0.4)
+    img = base[None, None, :] * lum[..., None]
+    img = img * (1.0 - vessels[..., None] * np.array([0.2, 0.8, 0.7], dtype=np.float32))
+    return img * (1.0 - folds[..., None])
+
+
+def _polyp_window(h: int, w: int, cy: float, cx: float, r0: float) -> tuple[slice, slice]:
+    """Rows and columns around a polyp: it reaches at most ~2.3 r0 from its centre (shape
+    harmonics, elongation and the shadow rim), and rendering in a window keeps it cheap."""
+    m = int(2.3 * r0) + 4
+    rows = slice(max(0, int(cy) - m), min(h, int(cy) + m + 1))
+    cols = slice(max(0, int(cx) - m), min(w, int(cx) + m + 1))
+    return rows, cols
+
+
+def _polyp_tint(rng: np.random.Generator, faint: float) -> np.ndarray:
+    """RGB factors of a polyp's colour change: faint (2-8%) with probability ``faint``, else clear (8-30%)."""
+    contrast = rng.choice([rng.uniform(0.02, 0.08), rng.uniform(0.08, 0.3)], p=[faint, 1.0 - faint])
+    return np.array([1.0, 1.0, 1.0], dtype=np.float32) + contrast * np.array(
+        [rng.uniform(-0.2, 0.4), rng.uniform(-0.6, 0.1), rng.uniform(-0.5, 0.3)], dtype=np.float32
+    )
+
+
+def _add_polyp(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, spec_prob: np.ndarray,
+    yy: np.ndarray, xx: np.ndarray, size: tuple[int, int], faint: float,
+) -> None:
+    """Paint one polyp into ``img``, ``mask`` and ``spec_prob`` (in place); a polyp too small to
+    cover a pixel leaves them unchanged.
+
+    Appearance: a small (sometimes tiny) colour change, dome shading lit from one side, a faint
+    shadow rim on the far side and its own fine texture."""
+    h, w = size
+    s = min(h, w)
+    r0 = rng.uniform(0.06, 0.24) * s
+    cy = rng.uniform(0.1, 0.9) * h
+    cx = rng.uniform(0.1, 0.9) * w
+    rows, cols = _polyp_window(h, w, cy, cx, r0)
+    wy, wx = yy[rows, cols], xx[rows, cols]
+    sd, rn, _ = _blob(rng, wy, wx, cy, cx, r0)
+    edge = rng.uniform(0.8, 3.0)
+    alpha = np.clip(sd / edge + 0.5, 0.0, 1.0)
+    inside = alpha >= 0.5
+    if not inside.any():
+        return
+    mask[rows, cols] |= inside
+    tint = _polyp_tint(rng, faint)
+    la = rng.uniform(0, 2 * math.pi)
+    ly, lx = math.sin(la), math.cos(la)
+    dome = np.clip(1.0 - rn * rn, 0.0, 1.0)
+    direc = ((wy - cy) * ly + (wx - cx) * lx) / r0
+    shade = 1.0 + rng.uniform(0.05, 0.25) * dome + rng.uniform(0.0, 0.15) * direc * (rn < 1.2)
+    rim = np.exp(-(((rn - 1.0) / 0.12) ** 2)) * np.clip(-direc, 0, None) * rng.uniform(0.0, 0.3)
+    ptex = 1.0 + rng.uniform(0.0, 0.1) * smooth_noise(rng, alpha.shape, 30 * min(alpha.shape) / s)
+    win = img[rows, cols]
+    poly = win * tint[None, None, :] * (shade * ptex)[..., None]
+    win = win * (1.0 - alpha[..., None]) + poly * alpha[..., None]
+    img[rows, cols] = win * (1.0 - rim[..., None])
+    spec_prob[rows, cols] += dome * 1.5
+
+
+def _specular(
+    rng: np.random.Generator, img: np.ndarray, spec_prob: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """Specular highlights: peaks of a fine noise field, likelier where ``spec_prob`` (polyp domes) is high."""
+    spots = smooth_noise(rng, size, rng.uniform(15, 35)) + 0.6 * spec_prob
+    thr = rng.uniform(2.2, 3.0)
+    spec = np.clip((spots - thr) / 0.3, 0.0, 1.0)
+    return img * (1.0 - spec[..., None]) + spec[..., None] * 1.0
+
+
+def _light(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, yy: np.ndarray, xx: np.ndarray,
+    size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Uneven illumination and vignetting, then in half of the frames the endoscope's black
+    field stop (which also cuts the mask): ``(img, mask)``."""
+    h, w = size
+    cy, cx = h / 2 + rng.uniform(-0.1, 0.1) * h, w / 2 + rng.uniform(-0.1, 0.1) * w
+    rr = np.sqrt(((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2)
+    light = (1.0 - rng.uniform(0.25, 0.6) * np.clip(rr / 1.4, 0, 1) ** 2) * (1.0 + 0.15 * smooth_noise(rng, size, 1.5))
+    img = img * light[..., None] * rng.uniform(0.8, 1.25)
+    if rng.random() < 0.5:
+        stop = rr < rng.uniform(1.15, 1.4)
+        img = img * stop[..., None]
+        mask &= stop
+    return img, mask
+
+
+def _sensor_noise_uint8(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Add sensor noise and quantise to uint8. Uniform rather than Gaussian noise: as good here
+    and several times cheaper to draw."""
+    sigma = np.float32(rng.uniform(0.005, 0.03) * math.sqrt(12.0))
+    img = img + (rng.random(img.shape, dtype=np.float32) - np.float32(0.5)) * sigma
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def polyp_sample(
     rng: np.random.Generator, size: tuple[int, int] = (256, 256), faint: float = FAINT
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -75,81 +180,16 @@ def polyp_sample(
     clear (8-30%). The random draws do not depend on it, so a frame differs between two values only
     in the contrast of the polyps that switch group."""
     h, w = size
-    s = min(h, w)
     yy, xx = _grid(h, w)
-
-    # Mucosa: pink-orange base, multi-scale texture, vessels (ridges of a noise field).
-    r = rng.uniform(0.55, 0.85)
-    base = np.array([r, r * rng.uniform(0.35, 0.55), r * rng.uniform(0.25, 0.45)], dtype=np.float32)
-    tex = 0.5 * smooth_noise(rng, size, 3) + 0.3 * smooth_noise(rng, size, 12) + 0.2 * smooth_noise(rng, size, 40)
-    lum = 1.0 + rng.uniform(0.06, 0.18) * tex
-    vessels = np.exp(-((smooth_noise(rng, size, 10) / 0.06) ** 2)) * rng.uniform(0.0, 0.25)
-    folds = np.exp(-((smooth_noise(rng, size, 2.5) / rng.uniform(0.05, 0.12)) ** 2)) * rng.uniform(0.0, 0.4)
-    img = base[None, None, :] * lum[..., None]
-    img = img * (1.0 - vessels[..., None] * np.array([0.2, 0.8, 0.7], dtype=np.float32))
-    img = img * (1.0 - folds[..., None])
-
-    # Polyps.
+    img = _mucosa(rng, size)
     mask = np.zeros((h, w), dtype=bool)
     n_polyps = int(rng.choice([1, 2, 3], p=[0.65, 0.27, 0.08]))
     spec_prob = np.zeros((h, w), dtype=np.float32)
     for _ in range(n_polyps):
-        r0 = rng.uniform(0.06, 0.24) * s
-        cy = rng.uniform(0.1, 0.9) * h
-        cx = rng.uniform(0.1, 0.9) * w
-        # Render in a window around the blob: it reaches at most ~2.3 r0 from its centre
-        # (shape harmonics, elongation and the shadow rim), and windows keep this cheap.
-        m = int(2.3 * r0) + 4
-        y0, y1 = max(0, int(cy) - m), min(h, int(cy) + m + 1)
-        x0, x1 = max(0, int(cx) - m), min(w, int(cx) + m + 1)
-        wy, wx = yy[y0:y1, x0:x1], xx[y0:y1, x0:x1]
-        sd, rn, _ = _blob(rng, wy, wx, cy, cx, r0)
-        edge = rng.uniform(0.8, 3.0)
-        alpha = np.clip(sd / edge + 0.5, 0.0, 1.0)
-        inside = alpha >= 0.5
-        if not inside.any():
-            continue
-        mask[y0:y1, x0:x1] |= inside
-        # Appearance: a small (sometimes tiny) colour change, dome shading lit from one side,
-        # a faint shadow rim on the far side and its own fine texture.
-        contrast = rng.choice([rng.uniform(0.02, 0.08), rng.uniform(0.08, 0.3)], p=[faint, 1.0 - faint])
-        tint = np.array([1.0, 1.0, 1.0], dtype=np.float32) + contrast * np.array(
-            [rng.uniform(-0.2, 0.4), rng.uniform(-0.6, 0.1), rng.uniform(-0.5, 0.3)], dtype=np.float32
-        )
-        la = rng.uniform(0, 2 * math.pi)
-        ly, lx = math.sin(la), math.cos(la)
-        dome = np.clip(1.0 - rn * rn, 0.0, 1.0)
-        direc = ((wy - cy) * ly + (wx - cx) * lx) / r0
-        shade = 1.0 + rng.uniform(0.05, 0.25) * dome + rng.uniform(0.0, 0.15) * direc * (rn < 1.2)
-        rim = np.exp(-(((rn - 1.0) / 0.12) ** 2)) * np.clip(-direc, 0, None) * rng.uniform(0.0, 0.3)
-        ptex = 1.0 + rng.uniform(0.0, 0.1) * smooth_noise(rng, alpha.shape, 30 * min(alpha.shape) / s)
-        win = img[y0:y1, x0:x1]
-        poly = win * tint[None, None, :] * (shade * ptex)[..., None]
-        win = win * (1.0 - alpha[..., None]) + poly * alpha[..., None]
-        img[y0:y1, x0:x1] = win * (1.0 - rim[..., None])
-        spec_prob[y0:y1, x0:x1] += dome * 1.5
-
-    # Specular highlights: peaks of a fine noise field, likelier on polyp domes.
-    spots = smooth_noise(rng, size, rng.uniform(15, 35)) + 0.6 * spec_prob
-    thr = rng.uniform(2.2, 3.0)
-    spec = np.clip((spots - thr) / 0.3, 0.0, 1.0)
-    img = img * (1.0 - spec[..., None]) + spec[..., None] * 1.0
-
-    # Light: uneven illumination and vignetting, optionally the black field stop.
-    cy, cx = h / 2 + rng.uniform(-0.1, 0.1) * h, w / 2 + rng.uniform(-0.1, 0.1) * w
-    rr = np.sqrt(((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2)
-    light = (1.0 - rng.uniform(0.25, 0.6) * np.clip(rr / 1.4, 0, 1) ** 2) * (1.0 + 0.15 * smooth_noise(rng, size, 1.5))
-    img = img * light[..., None] * rng.uniform(0.8, 1.25)
-    if rng.random() < 0.5:
-        stop = rr < rng.uniform(1.15, 1.4)
-        img = img * stop[..., None]
-        mask &= stop
-
-    # Uniform rather than Gaussian sensor noise: as good here and several times cheaper to draw.
-    sigma = np.float32(rng.uniform(0.005, 0.03) * math.sqrt(12.0))
-    img = img + (rng.random(img.shape, dtype=np.float32) - np.float32(0.5)) * sigma
-    img8 = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return img8, mask.astype(np.uint8)
+        _add_polyp(rng, img, mask, spec_prob, yy, xx, size, faint)
+    img = _specular(rng, img, spec_prob, size)
+    img, mask = _light(rng, img, mask, yy, xx, size)
+    return _sensor_noise_uint8(rng, img), mask.astype(np.uint8)
 
 
 def asoct_sample(rng: np.random.Generator, size: tuple[int, int] = (256, 256)) -> tuple[np.ndarray, np.ndarray]:
