@@ -331,6 +331,71 @@ def _create_encoder(backbone: str, output_stride: int, in_chans: int, pretrained
     return encoder
 
 
+def _create_encoder_or_explain(backbone: str, output_stride: int, in_chans: int, from_timm: bool) -> nn.Module:
+    """:func:`_create_encoder`, with timm's own weights when ``from_timm``; a failure to get
+    those weights becomes a RuntimeError that says how to pass a local file instead."""
+    try:
+        return _create_encoder(backbone, output_stride, in_chans, pretrained=from_timm)
+    except (ValueError, RuntimeError) as e:
+        if not from_timm or "output_stride" in str(e):
+            raise
+        raise RuntimeError(
+            f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
+            "On a machine without network access, fetch the weights elsewhere (for example "
+            f"timm's 'model.safetensors' for {backbone}) and pass the local file: "
+            "pretrained='/path/to/model.safetensors' (a .pth/.bin state dict works too)."
+        ) from e
+    except Exception as e:
+        if not from_timm:
+            raise
+        raise RuntimeError(
+            f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
+            "Pass a local weight file instead: pretrained='/path/to/model.safetensors'."
+        ) from e
+
+
+def _input_norm_for(
+    backbone: str, in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[list[float], list[float]]:
+    """The checked ``(mean, std)`` lists a model stores: those given, else the backbone's defaults."""
+    d_mean, d_std = default_norm(backbone)
+    mean = [float(v) for v in (d_mean if mean is None else mean)]
+    std = [float(v) for v in (d_std if std is None else std)]
+    if len(mean) != in_chans or len(std) != in_chans or min(std) <= 0:
+        raise ValueError(f"input normalisation mean={mean} std={std}: need {in_chans} values each, std > 0")
+    return mean, std
+
+
+def _load_pretrained(
+    model: DeepLabV3Plus, pretrained: str | os.PathLike | None, backbone: str, in_chans: int
+) -> None:
+    """Load ``pretrained`` (None: nothing; ``"imagenet"``: the pip-installed file; else a local
+    file) into ``model``: the whole model when the file holds one, else its encoder."""
+    if isinstance(pretrained, str) and pretrained == "imagenet":
+        from .weights import imagenet_weights
+
+        pretrained = imagenet_weights(backbone)
+    if pretrained is None:
+        return
+    sd = read_state_dict(pretrained)
+    if _is_whole_model(sd):
+        load_model_weights(model, sd, source=str(pretrained))
+    else:
+        load_backbone_weights(model.encoder, sd, backbone, in_chans, source=str(pretrained))
+
+
+def _apply_runtime_options(
+    model: DeepLabV3Plus, channels_last: bool, compile: bool | Mapping[str, Any]
+) -> DeepLabV3Plus:
+    """Channels-last memory format and in-place ``torch.compile``, as :func:`build_model` documents."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if compile:
+        model.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
+    return model
+
+
 def build_model(
     backbone: str = "resnet18",
     num_classes: int = 2,
@@ -374,29 +439,8 @@ def build_model(
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     from_timm = isinstance(pretrained, str) and pretrained == "timm"
-    try:
-        encoder = _create_encoder(backbone, output_stride, in_chans, pretrained=from_timm)
-    except (ValueError, RuntimeError) as e:
-        if not from_timm or "output_stride" in str(e):
-            raise
-        raise RuntimeError(
-            f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
-            "On a machine without network access, fetch the weights elsewhere (for example "
-            f"timm's 'model.safetensors' for {backbone}) and pass the local file: "
-            "pretrained='/path/to/model.safetensors' (a .pth/.bin state dict works too)."
-        ) from e
-    except Exception as e:
-        if not from_timm:
-            raise
-        raise RuntimeError(
-            f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
-            "Pass a local weight file instead: pretrained='/path/to/model.safetensors'."
-        ) from e
-    d_mean, d_std = default_norm(backbone)
-    mean = [float(v) for v in (d_mean if mean is None else mean)]
-    std = [float(v) for v in (d_std if std is None else std)]
-    if len(mean) != in_chans or len(std) != in_chans or min(std) <= 0:
-        raise ValueError(f"input normalisation mean={mean} std={std}: need {in_chans} values each, std > 0")
+    encoder = _create_encoder_or_explain(backbone, output_stride, in_chans, from_timm)
+    mean, std = _input_norm_for(backbone, in_chans, mean, std)
     config = dict(
         backbone=backbone,
         num_classes=int(num_classes),
@@ -418,22 +462,9 @@ def build_model(
         aspp_dropout=aspp_dropout,
         config=config,
     )
-    if isinstance(pretrained, str) and pretrained == "imagenet":
-        from .weights import imagenet_weights
-
-        pretrained = imagenet_weights(backbone)
-    if pretrained is not None and not from_timm:
-        sd = read_state_dict(pretrained)
-        if _is_whole_model(sd):
-            load_model_weights(model, sd, source=str(pretrained))
-        else:
-            load_backbone_weights(model.encoder, sd, backbone, in_chans, source=str(pretrained))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.channels_last = True
-    if compile:
-        model.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
-    return model
+    if not from_timm:
+        _load_pretrained(model, pretrained, backbone, in_chans)
+    return _apply_runtime_options(model, channels_last, compile)
 
 
 def default_norm(backbone: str) -> tuple[list[float], list[float]]:
