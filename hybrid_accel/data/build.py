@@ -429,6 +429,86 @@ def _prepare_one(
     return rec
 
 
+def _subset_pairs(
+    pairs: list[dict[str, str]], max_groups: int | None, max_per_group: int | None
+) -> list[dict[str, str]]:
+    """The first ``max_groups`` groups in natural order and the first ``max_per_group`` pairs of
+    each (None: no limit); ``pairs`` as they are when neither limit is given."""
+    if max_groups is None and max_per_group is None:
+        return pairs
+    by_group: dict[str, list[dict]] = {}
+    for p in pairs:
+        by_group.setdefault(p["group"], []).append(p)
+    keys = sorted(by_group, key=lambda g: (len(g), g))[: max_groups or None]
+    return [p for g in keys for p in by_group[g][: max_per_group or None]]
+
+
+def _check_pairs_exist(pairs: list[dict[str, str]]) -> None:
+    """One DatasetError naming every image or mask file that does not exist."""
+    missing = [f"{f}: file not found" for p in pairs for f in (p["image"], p["mask"]) if not Path(f).exists()]
+    if missing:
+        raise DatasetError.from_problems(missing)
+
+
+def _source_mask_mapping(
+    pairs: list[dict[str, str]], mask_mapping: str | dict | None, source: str | os.PathLike
+) -> dict | None:
+    """The mapping from the source's mask values to class indices: detected from every mask for
+    ``"auto"``, else parsed from ``mask_mapping``."""
+    try:
+        return (_detect_mapping([p["mask"] for p in pairs]) if mask_mapping == "auto"
+                else parse_mask_mapping(mask_mapping))
+    except OSError as e:
+        raise DatasetError(f"{getattr(e, 'filename', None) or source}: unreadable mask ({e})") from None
+
+
+def _train_plan(
+    pairs: list[dict[str, str]], group_split: dict[str, str], strong_fraction: float | None,
+    strong_count: int | None, spec: WeakSpec, seed: int,
+) -> dict[int, tuple[str, str, float]]:
+    """(kind, weak simulator, severity) of each train pair, by its index in ``pairs``."""
+    train_idx = [i for i, p in enumerate(pairs) if group_split[p["group"]] == "train"]
+    return dict(zip(train_idx, _assign_kinds(len(train_idx), strong_fraction, strong_count, spec, seed)))
+
+
+def _reset_out(out: Path, overwrite: bool, copy_images: bool) -> None:
+    """Create the output folders; with ``overwrite``, first remove a previous dataset's files
+    (its stale masks must not survive beside the new ones)."""
+    if overwrite:
+        for sub in _OUTPUTS:
+            if (out / sub).is_dir():
+                shutil.rmtree(out / sub)
+            else:
+                (out / sub).unlink(missing_ok=True)
+    for sub in ("masks", "weak") + (("images",) if copy_images else ()):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_jobs(
+    pairs: list[dict[str, str]], group_split: dict[str, str], plan: dict[int, tuple[str, str, float]],
+    out: Path, mapping: dict | None, ignore_index: int, seed: int, copy_images: bool,
+) -> list[tuple]:
+    """The arguments of :func:`_prepare_one` for each pair, in order (pairs outside the plan are strong)."""
+    jobs = []
+    for i, p in enumerate(pairs):
+        split = group_split[p["group"]]
+        row_kind, wt, sev = plan.get(i, ("strong", "", math.nan))
+        jobs.append((i, str(Path(p["image"]).absolute()), p["mask"], str(out), split, row_kind, wt, sev,
+                     p["group"], mapping, ignore_index, seed, copy_images))
+    return jobs
+
+
+def _prepared_num_classes(records: list[dict[str, Any]], num_classes: int | None, source: str | os.PathLike) -> int:
+    """Take each record's ``_max`` (its largest class) out; return ``num_classes``, checked
+    against them, or (None) one more than the largest class, at least 2."""
+    top = max(r.pop("_max") for r in records)
+    if num_classes is None:
+        return max(2, top + 1)
+    if top >= num_classes:
+        raise DatasetError(f"{source}: masks hold class {top} but num_classes={num_classes}")
+    return num_classes
+
+
 def prepare_hybrid(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -468,44 +548,16 @@ def prepare_hybrid(
     _check_out(Path(source), out, overwrite)
     if not pairs:
         raise DatasetError(f"{source}: no annotated images found")
-    if max_groups is not None or max_per_group is not None:
-        by_group: dict[str, list[dict]] = {}
-        for p in pairs:
-            by_group.setdefault(p["group"], []).append(p)
-        keys = sorted(by_group, key=lambda g: (len(g), g))[: max_groups or None]
-        pairs = [p for g in keys for p in by_group[g][: max_per_group or None]]
-    missing = [f"{f}: file not found" for p in pairs for f in (p["image"], p["mask"]) if not Path(f).exists()]
-    if missing:
-        raise DatasetError.from_problems(missing)
-    try:
-        mapping = (_detect_mapping([p["mask"] for p in pairs]) if mask_mapping == "auto"
-                   else parse_mask_mapping(mask_mapping))
-    except OSError as e:
-        raise DatasetError(f"{getattr(e, 'filename', None) or source}: unreadable mask ({e})") from None
+    pairs = _subset_pairs(pairs, max_groups, max_per_group)
+    _check_pairs_exist(pairs)
+    mapping = _source_mask_mapping(pairs, mask_mapping, source)
     group_split = split_groups([p["group"] for p in pairs], val_fraction, test_fraction, seed)
     spec = WeakSpec(weak, severity, drop_fraction)
-    train_idx = [i for i, p in enumerate(pairs) if group_split[p["group"]] == "train"]
-    plan = dict(zip(train_idx, _assign_kinds(len(train_idx), strong_fraction, strong_count, spec, seed)))
-    if overwrite:
-        for sub in _OUTPUTS:  # stale masks of a previous dataset must not survive beside the new one
-            if (out / sub).is_dir():
-                shutil.rmtree(out / sub)
-            else:
-                (out / sub).unlink(missing_ok=True)
-    for sub in ("masks", "weak") + (("images",) if copy_images else ()):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for i, p in enumerate(pairs):
-        split = group_split[p["group"]]
-        row_kind, wt, sev = plan.get(i, ("strong", "", math.nan))
-        jobs.append((i, str(Path(p["image"]).absolute()), p["mask"], str(out), split, row_kind, wt, sev,
-                     p["group"], mapping, ignore_index, seed, copy_images))
+    plan = _train_plan(pairs, group_split, strong_fraction, strong_count, spec, seed)
+    _reset_out(out, overwrite, copy_images)
+    jobs = _prepare_jobs(pairs, group_split, plan, out, mapping, ignore_index, seed, copy_images)
     records = _pool_map(_prepare_one, jobs, workers, progress, "prepare")
-    top = max(r.pop("_max") for r in records)
-    if num_classes is None:
-        num_classes = max(2, top + 1)
-    elif top >= num_classes:
-        raise DatasetError(f"{source}: masks hold class {top} but num_classes={num_classes}")
+    num_classes = _prepared_num_classes(records, num_classes, source)
     meta = {
         "name": Path(source).name,
         "num_classes": int(num_classes),
