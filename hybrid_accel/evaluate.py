@@ -219,6 +219,139 @@ def _write_outputs(
                     ])
 
 
+def _foreground_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """Names of the foreground classes, from the names of all classes (background first) or of
+    the foreground classes only; ``class1``, ``class2``... when none are given."""
+    k = num_classes - 1
+    if class_names is None:
+        return [f"class{c}" for c in range(1, num_classes)]
+    cls_names = [str(c) for c in class_names]
+    cls_names = cls_names[1:] if len(cls_names) == num_classes else cls_names
+    if len(cls_names) != k:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    return cls_names
+
+
+def _overlay_targets(
+    out_dir: str | os.PathLike | None, n_overlays: int, n_total: int | None
+) -> tuple[set[int], Path | None]:
+    """Dataset indices of the ``n_overlays`` images spread evenly over the dataset that get an
+    overlay PNG, and the folder for them (created here); none without ``out_dir`` or a dataset size."""
+    overlay_ids: set[int] = set()
+    overlay_dir = None
+    if out_dir is not None and n_overlays > 0 and n_total:
+        overlay_ids = set(np.unique(np.linspace(0, n_total - 1, min(n_overlays, n_total)).round().astype(int)).tolist())
+        overlay_dir = Path(out_dir) / "overlays"
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    return overlay_ids, overlay_dir
+
+
+@contextlib.contextmanager
+def _eval_mode(models: Mapping[str, nn.Module]):
+    """Switch ``models`` to eval mode for the block, then give each its own mode back."""
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        yield
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+
+
+def _batch_labels(
+    batch: Mapping[str, Any], dataset: Any, num_classes: int, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's masks [B, H, W] and dataset indices [B] as arrays. A mask value that is neither
+    a class nor ``ignore_index`` is a ValueError naming the image."""
+    y = batch["mask"].cpu().numpy()
+    idx = batch["index"].cpu().numpy().astype(np.int64)
+    stray = (y >= num_classes) & (y != ignore_index)
+    if stray.any():  # a value such as 128 in a 0/1 mask would silently count as background
+        b = int(np.flatnonzero(stray.reshape(len(y), -1).any(1))[0])
+        image = _image_names(dataset, idx[b:b + 1])[0] if dataset is not None else str(idx[b])
+        raise ValueError(
+            f"the mask of {image} holds the value {int(y[b][stray[b]][0])}, which is neither a class "
+            f"(0..{num_classes - 1}) nor the ignore value {ignore_index}: map the mask values "
+            "(dataset.yaml mask_mapping, e.g. 0:0,255:1) or fix the mask")
+    return y, idx
+
+
+def _predict(models: Mapping[str, nn.Module], x: torch.Tensor, autocast_ctx) -> dict[str, np.ndarray]:
+    """Class maps [B, H, W] of each model and, with several models, of the ensemble (the mean of
+    their softmax probabilities)."""
+    probs = {}
+    with autocast_ctx():
+        for name, m in models.items():
+            probs[name] = m(x).float().softmax(dim=1)
+    if len(models) > 1:
+        probs[ENSEMBLE] = torch.stack([probs[n] for n in models]).mean(0)
+    return {name: p.argmax(dim=1).cpu().numpy() for name, p in probs.items()}
+
+
+def _score_batch(
+    preds: Mapping[str, np.ndarray], y: np.ndarray, idx: np.ndarray, names: Sequence[str], num_classes: int,
+    spacing: Sequence[float], ignore_index: int, device: torch.device,
+) -> dict[str, Any]:
+    """Per-image, per-class Dice, ASSD and empty-mask case of each prediction, as tensors on
+    ``device`` for ``gather_for_metrics``: ``{"index": [B], "dice" | "assd" | "case": {name: [B, K]}}``."""
+    record: dict[str, Any] = {"index": torch.as_tensor(idx, device=device)}
+    for name in names:
+        per = [dice_assd(preds[name][b], y[b], num_classes, spacing, ignore_index) for b in range(len(idx))]
+        for key in ("dice", "assd", "case"):
+            arr = np.stack([r[key] for r in per]).astype(np.float64 if key != "case" else np.int64)
+            record.setdefault(key, {})[name] = torch.as_tensor(arr, device=device)
+    return record
+
+
+def _save_overlays(
+    images: torch.Tensor, y: np.ndarray, idx: np.ndarray, preds: Mapping[str, np.ndarray], names: Sequence[str],
+    overlay_ids: set[int], overlay_dir: Path | None, dataset: Any, ignore_index: int,
+    mean: Sequence[float], std: Sequence[float],
+) -> None:
+    """Write the overlay PNG of each image of the batch whose dataset index is in ``overlay_ids``."""
+    for b, i in enumerate(idx):
+        if int(i) in overlay_ids:
+            img = render_overlay(images[b], y[b], {n: preds[n][b] for n in names}, ignore_index, mean, std)
+            stem = Path(_image_names(dataset, np.array([i]))[0]).stem
+            _save_png_atomic(img, overlay_dir / (f"{int(i):05d}" + (f"_{stem}" if stem else "") + ".png"))
+
+
+def _merge_gathered(
+    gathered: list[dict], names: Sequence[str]
+) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """The gathered records as ``(indices, {name: {"dice" | "assd" | "case": [N, K]}})``, one row
+    per distinct image in index order."""
+    if not gathered:
+        raise ValueError("evaluate: the loader yielded no batch")
+    indices = torch.cat([g["index"] for g in gathered]).cpu().numpy()
+    # gather_for_metrics drops the padded tail of a prepared loader; the index check below also
+    # covers loaders that repeat images in other ways.
+    order = np.unique(indices, return_index=True)[1]
+    indices = indices[order]
+    results = {
+        name: {key: torch.cat([g[key][name] for g in gathered]).cpu().numpy()[order] for key in ("dice", "assd", "case")}
+        for name in names
+    }
+    return indices, results
+
+
+def _make_summary(
+    indices: np.ndarray, results: dict[str, dict[str, np.ndarray]], num_classes: int, cls_names: list[str],
+    spacing: Sequence[float], seconds: float,
+) -> dict:
+    """The summary :func:`evaluate` returns and writes to ``summary.json``."""
+    return {
+        "n_images": int(indices.size),
+        "num_classes": int(num_classes),
+        "class_names": cls_names,
+        "spacing": [float(s) for s in spacing],
+        "empty_rules": EMPTY_RULES,
+        "seconds": seconds,
+        "models": {name: summarize(r["dice"], r["assd"], r["case"], cls_names) for name, r in results.items()},
+    }
+
+
 @torch.no_grad()
 def evaluate(
     models: Mapping[str, nn.Module],
@@ -255,15 +388,7 @@ def evaluate(
     if ENSEMBLE in models:
         raise ValueError(f"evaluate: the name {ENSEMBLE!r} is reserved for the ensemble")
     names = list(models) + ([ENSEMBLE] if len(models) > 1 else [])
-    k = num_classes - 1
-    if class_names is None:
-        cls_names = [f"class{c}" for c in range(1, num_classes)]
-    else:
-        # Names of all classes (background first) or of the foreground classes only.
-        cls_names = [str(c) for c in class_names]
-        cls_names = cls_names[1:] if len(cls_names) == num_classes else cls_names
-        if len(cls_names) != k:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    cls_names = _foreground_class_names(class_names, num_classes)
     if not isinstance(loader, DataLoaderStateMixin):
         loader = accelerator.prepare(loader)
     dataset = getattr(loader, "dataset", None)
@@ -271,76 +396,25 @@ def evaluate(
     # overlays undo the normalisation the images were loaded with (HybridDataset.mean/std)
     mean = mean if mean is not None else getattr(dataset, "mean", IMAGENET_MEAN)
     std = std if std is not None else getattr(dataset, "std", IMAGENET_STD)
-    overlay_ids: set[int] = set()
-    overlay_dir = None
-    if out_dir is not None and n_overlays > 0 and n_total:
-        overlay_ids = set(np.unique(np.linspace(0, n_total - 1, min(n_overlays, n_total)).round().astype(int)).tolist())
-        overlay_dir = Path(out_dir) / "overlays"
-        overlay_dir.mkdir(parents=True, exist_ok=True)
+    overlay_ids, overlay_dir = _overlay_targets(out_dir, n_overlays, n_total)
 
-    modes = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
     autocast_ctx = accelerator.autocast if autocast else contextlib.nullcontext
     device = accelerator.device
     gathered: list[dict] = []
-    t0 = time.perf_counter()
-    try:
+    with _eval_mode(models):
+        t0 = time.perf_counter()
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
-            y = batch["mask"].cpu().numpy()
-            idx = batch["index"].cpu().numpy().astype(np.int64)
-            stray = (y >= num_classes) & (y != ignore_index)
-            if stray.any():  # a value such as 128 in a 0/1 mask would silently count as background
-                b = int(np.flatnonzero(stray.reshape(len(y), -1).any(1))[0])
-                names = _image_names(dataset, idx[b:b + 1]) if dataset is not None else [str(idx[b])]
-                raise ValueError(
-                    f"the mask of {names[0]} holds the value {int(y[b][stray[b]][0])}, which is neither a class "
-                    f"(0..{num_classes - 1}) nor the ignore value {ignore_index}: map the mask values "
-                    "(dataset.yaml mask_mapping, e.g. 0:0,255:1) or fix the mask")
-            probs = {}
-            with autocast_ctx():
-                for name, m in models.items():
-                    probs[name] = m(x).float().softmax(dim=1)
-            if len(models) > 1:
-                probs[ENSEMBLE] = torch.stack([probs[n] for n in models]).mean(0)
-            preds = {name: p.argmax(dim=1).cpu().numpy() for name, p in probs.items()}
-            record: dict[str, Any] = {"index": torch.as_tensor(idx, device=device)}
-            for name in names:
-                per = [dice_assd(preds[name][b], y[b], num_classes, spacing, ignore_index) for b in range(len(idx))]
-                for key in ("dice", "assd", "case"):
-                    arr = np.stack([r[key] for r in per]).astype(np.float64 if key != "case" else np.int64)
-                    record.setdefault(key, {})[name] = torch.as_tensor(arr, device=device)
-            for b, i in enumerate(idx):
-                if int(i) in overlay_ids:
-                    img = render_overlay(batch["image"][b], y[b], {n: preds[n][b] for n in names}, ignore_index, mean, std)
-                    stem = Path(_image_names(dataset, np.array([i]))[0]).stem
-                    _save_png_atomic(img, overlay_dir / (f"{int(i):05d}" + (f"_{stem}" if stem else "") + ".png"))
+            y, idx = _batch_labels(batch, dataset, num_classes, ignore_index)
+            preds = _predict(models, x, autocast_ctx)
+            record = _score_batch(preds, y, idx, names, num_classes, spacing, ignore_index, device)
+            _save_overlays(batch["image"], y, idx, preds, names, overlay_ids, overlay_dir, dataset,
+                           ignore_index, mean, std)
             gathered.append(accelerator.gather_for_metrics(record))
-    finally:
-        for name, m in models.items():
-            m.train(modes[name])
 
-    if not gathered:
-        raise ValueError("evaluate: the loader yielded no batch")
-    indices = torch.cat([g["index"] for g in gathered]).cpu().numpy()
-    # gather_for_metrics drops the padded tail of a prepared loader; the index check below also
-    # covers loaders that repeat images in other ways.
-    order = np.unique(indices, return_index=True)[1]
-    indices = indices[order]
-    results = {
-        name: {key: torch.cat([g[key][name] for g in gathered]).cpu().numpy()[order] for key in ("dice", "assd", "case")}
-        for name in names
-    }
-    summary = {
-        "n_images": int(indices.size),
-        "num_classes": int(num_classes),
-        "class_names": cls_names,
-        "spacing": [float(s) for s in spacing],
-        "empty_rules": EMPTY_RULES,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "models": {name: summarize(r["dice"], r["assd"], r["case"], cls_names) for name, r in results.items()},
-    }
+    indices, results = _merge_gathered(gathered, names)
+    seconds = round(time.perf_counter() - t0, 3)
+    summary = _make_summary(indices, results, num_classes, cls_names, spacing, seconds)
     if n_total is not None and indices.size != n_total:
         accelerator.print(f"evaluate: warning: scored {indices.size} distinct images of {n_total}")
     if out_dir is not None and accelerator.is_main_process:
