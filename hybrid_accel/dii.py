@@ -274,22 +274,30 @@ def describe_update(step: int, stats: dict[str, float]) -> str:
             + f" ({stats['dii/seconds_strong'] + stats['dii/seconds_scan']:.1f} s)")
 
 
-def append_gamma_history(path: Path, step: int, gamma: torch.Tensor) -> None:
+def append_gamma_history(path: Path, step: int, gamma: torch.Tensor, scores: torch.Tensor | None = None) -> None:
     """Add the snapshot after the DII update at ``step`` to ``<run>/gamma_history.npz``.
 
-    Arrays ``step`` [U] and ``gamma`` [U, n_weak] (weak rank order, as gamma.csv). Rows at or after
-    ``step`` are dropped first: a resumed run redoes them. Rewritten whole (atomically) at each
+    Arrays ``step`` [U], ``gamma`` [U, n_weak] (weak rank order, as gamma.csv) and ``score``
+    [U, n_weak]: the scores s_k = g_S . g_k that drove each update (NaN for an image not scanned
+    at that update; the hypergradient is -s_k), for studying the update rule offline. Rows at or
+    after ``step`` are dropped first: a resumed run redoes them. Rewritten whole (atomically) at each
     update; at the paper's scale (11k weak images, ~50 updates) that is a few MB every tau steps.
     """
-    steps, rows = np.zeros(0, dtype=np.int64), np.zeros((0, len(gamma)), dtype=np.float32)
+    n = len(gamma)
+    steps, rows = np.zeros(0, dtype=np.int64), np.zeros((0, n), dtype=np.float32)
+    score_rows = np.zeros((0, n), dtype=np.float32)
     if path.is_file():
         with np.load(path) as f:
             keep = f["step"] < step
             steps, rows = f["step"][keep], f["gamma"][keep]
+            score_rows = f["score"][keep] if "score" in f else np.full(rows.shape, np.nan, dtype=np.float32)
     steps = np.append(steps, np.int64(step))
     rows = np.concatenate([rows, gamma.detach().cpu().numpy().astype(np.float32)[None]])
+    s = np.full((1, n), np.nan, dtype=np.float32) if scores is None else \
+        torch.as_tensor(scores).detach().cpu().numpy().astype(np.float32).reshape(1, n)
+    score_rows = np.concatenate([score_rows, s])
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, step=steps, gamma=rows)
+    np.savez(tmp, step=steps, gamma=rows, score=score_rows)
     os.replace(tmp, path)
 
 
@@ -436,6 +444,7 @@ class DIIUpdater:
         self.ignore_index = ignore_index
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.last_scores: torch.Tensor | None = None  # every weak rank's score at the last update (NaN: not scanned)
 
     def strong_set(self, step: int, world: int) -> list[int]:
         """Global list of strong items for g_S: all, or ``strong_batches`` batches drawn for this step."""
@@ -481,6 +490,8 @@ class DIIUpdater:
             model.train(was_training)
         t2 = time.perf_counter()
         self.gamma.step(torch.as_tensor(ranks), -scores, lr_scale)  # hypergradient = -s_k
+        self.last_scores = torch.full((self.gamma.n,), float("nan"))
+        self.last_scores[torch.as_tensor(ranks).long()] = scores
         return {
             "dii/score_mean": float(scores.mean()) if scores.numel() else 0.0,
             "dii/score_pos_frac": float((scores > 0).float().mean()) if scores.numel() else 0.0,

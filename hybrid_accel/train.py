@@ -631,7 +631,7 @@ def gamma_update(run: Run) -> None:
         _wandb_log(acc, lambda wandb: {"dii/gamma": wandb.Histogram(gamma.gamma.numpy())}, step)
     _say(acc, describe_update(step, stats))
     if acc.is_main_process:
-        append_gamma_history(run.run_dir / "gamma_history.npz", step, gamma.gamma)
+        append_gamma_history(run.run_dir / "gamma_history.npz", step, gamma.gamma, run.updater.last_scores)
 
 
 def finish_run(run: Run) -> dict | None:
