@@ -117,14 +117,15 @@ class MethodConfig:
 @dataclass
 class DIIConfig:
     tau: int = 10  # network steps between two gamma updates (paper: 400)
-    lr: float = 0.1  # Adam learning rate on gamma (paper: beta = 0.1)
+    lr: float = 0.1  # learning rate on gamma (paper, Adam: beta = 0.1)
+    optimizer: str = "adam"  # adam (paper): each gamma moves by about lr per update | scaled_sgd: by lr * s_k / RMS(s) (not in the paper)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas on gamma (paper: 0.9, 0.999)
     eps: float = 1e-8  # Adam epsilon on gamma
     clip: list[float] = field(default_factory=lambda: [0.0, 1.0])  # gamma clipped to [low, high] (paper: [0, 1])
     init: float = 0.1  # initial gamma of every weak image (paper: 0.5)
     warmup: int = 0  # no gamma update before this step (the authors' code: 400)
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
-    score: str = "centred"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature (not in the paper)
+    score: str = "centred"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature | calibrated: at the bias that best fits the strong set (both not in the paper)
     lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
@@ -399,8 +400,9 @@ _CHOICES = {
     "method.paste": ("foreground", "cutmix"),
     "method.pseudo_loss": ("ce", "kl"),
     "dii.scan": ("all", "subset"),
-    "dii.score": ("paper", "weight", "centred"),
+    "dii.score": ("paper", "weight", "centred", "calibrated"),
     "dii.lr_schedule": ("constant", "poly"),
+    "dii.optimizer": ("adam", "scaled_sgd"),
     "method.dcr_supervision": ("split", "both"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
     "eval.test_on": ("best", "last"),

@@ -42,7 +42,7 @@ from . import ops
 from .losses import per_instance_ce
 from .sampling import make_generator
 
-__all__ = ["GammaState", "reference_grad", "centred_reference", "weak_scores", "DIIUpdater", "due",
+__all__ = ["GammaState", "reference_grad", "calibrate_logits", "centred_reference", "weak_scores", "DIIUpdater", "due",
            "ce_grad_logits", "classifier_grad", "dii_scores", "gamma_quality", "describe_update", "write_gamma_csv",
            "read_gamma_csv", "append_gamma_history"]
 
@@ -152,7 +152,13 @@ def due(step: int, tau: int, warmup: int) -> bool:
 
 
 class GammaState:
-    """gamma and its (lazy) Adam state; lives on the CPU (a few thousand floats)."""
+    """gamma and its (lazy) Adam state; lives on the CPU (a few thousand floats).
+
+    ``optimizer``: ``adam`` (the paper) or ``scaled_sgd`` (not in the paper): gradient descent on the
+    hypergradient divided by its root mean square over the images of the update, so that each gamma
+    moves in proportion to its own score. Adam divides each image's step by that image's own score
+    history: every gamma moves by about ``lr`` per update whether its score is large (a dropped
+    annotation) or tiny (an annotation the network already agrees with)."""
 
     def __init__(
         self,
@@ -162,7 +168,11 @@ class GammaState:
         betas: Sequence[float] = (0.9, 0.999),
         eps: float = 1e-8,
         clip: Sequence[float] = (0.0, 1.0),
+        optimizer: str = "adam",
     ):
+        if optimizer not in ("adam", "scaled_sgd"):
+            raise ValueError(f"GammaState: optimizer={optimizer!r}; choose adam or scaled_sgd")
+        self.optimizer = optimizer
         self.n = int(n_weak)
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.clip = (float(clip[0]), float(clip[1]))
@@ -182,12 +192,19 @@ class GammaState:
 
     @torch.no_grad()
     def step(self, index: torch.Tensor, hypergrad: torch.Tensor, lr_scale: float = 1.0) -> None:
-        """One Adam step (descent on ``hypergrad``) on the entries ``index``, then clip.
+        """One Adam (or scaled SGD) step, descent on ``hypergrad``, on the entries ``index``, then clip.
 
         ``lr_scale`` multiplies the learning rate of this step (``dii.lr_schedule=poly``: the
         network's schedule factor, as the authors' code decays gamma's rate with the network's)."""
         idx = torch.as_tensor(index).long().cpu()
         g = torch.as_tensor(hypergrad, dtype=torch.float32).cpu()
+        if self.optimizer == "scaled_sgd":
+            rms = float(g.double().square().mean().sqrt()) if g.numel() else 0.0
+            if rms > 0:
+                self.gamma[idx] = (self.gamma[idx] - self.lr * float(lr_scale) * g / rms).clamp_(*self.clip)
+            self.steps[idx] += 1
+            self.updates += 1
+            return
         b1, b2 = self.betas
         m = self.exp_avg[idx].mul_(b1).add_(g, alpha=1 - b1)
         v = self.exp_avg_sq[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -307,9 +324,79 @@ def _forward_features(model: nn.Module, x: torch.Tensor, autocast) -> Any:
         return model(x, return_features=True)
 
 
+def _shifted(logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    return logits if shift is None else logits + shift.to(logits).view(1, -1, 1, 1)
+
+
 def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(Subset(dataset, list(map(int, indices))), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers)
+
+
+def _soft_targets(labels: torch.Tensor, num_classes: int, size: Sequence[int], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [B, H, W] at the classifier's resolution ``size``: class fractions per cell [B, C, h, w]
+    (valid pixels only) and pixel weights [B, 1, h, w] summing to 1 per image (an image's loss is the
+    mean over its valid pixels)."""
+    valid = labels != ignore_index
+    onehot = F.one_hot(torch.where(valid, labels, 0).long(), num_classes).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid[:, None]
+    frac = F.adaptive_avg_pool2d(onehot, tuple(size))
+    cover = F.adaptive_avg_pool2d(valid[:, None].float(), tuple(size))
+    weight = cover / cover.sum((2, 3), keepdim=True).clamp_min(1e-12)
+    return frac / cover.clamp_min(1e-12), weight
+
+
+@torch.no_grad()
+def calibrate_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int],
+    accelerator: Any,
+    batch_size: int,
+    ignore_index: int = 255,
+    autocast=contextlib.nullcontext,
+    num_workers: int = 0,
+    iterations: int = 50,
+    max_shift: float = 12.0,
+) -> torch.Tensor:
+    """The per-class logit offset [C] (mean zero) that minimises the strong images' loss when added to
+    the classifier's bias: the network's best recalibration on the strong set, the same on every process.
+
+    For ``dii.score=calibrated`` (not in the paper). At the offset, the strong set's predicted and
+    true class fractions agree, so g_S no longer carries "more (or less) of this class everywhere".
+    That part of g_S flips the sign of every dropped annotation's score with a foreground excess of
+    half a percent of the strong pixels (benchmarks/RESULTS.md, section 5). Scores taken at the
+    offset do not change at all when the network's bias moves. Newton's method on the convex loss
+    over the offset, from the logits at the classifier's resolution and the labels averaged onto it
+    (one pass over the strong images; the sums are reduced across processes at each iteration)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    C = model.classifier.weight.shape[0]
+    zs, ys, ws = [], [], []
+    for batch in (_loader(dataset, list(indices)[rank::world], batch_size, num_workers) if len(indices) else []):
+        out = _forward_features(model, batch["image"].to(device), autocast)
+        frac, weight = _soft_targets(batch["mask"].to(device), C, out.logits_low.shape[-2:], ignore_index)
+        zs.append(out.logits_low.double()), ys.append(frac.double()), ws.append(weight.double())
+    z = torch.cat(zs) if zs else torch.zeros(0, C, 1, 1, dtype=torch.float64, device=device)
+    y = torch.cat(ys) if ys else torch.zeros_like(z)
+    w = torch.cat(ws) if ws else torch.zeros(0, 1, 1, 1, dtype=torch.float64, device=device)
+    shift = torch.zeros(C, dtype=torch.float64, device=device)
+    for _ in range(iterations):
+        p = torch.softmax(z + shift.view(1, C, 1, 1), 1)
+        pw = (p * w).permute(0, 2, 3, 1).reshape(-1, C)
+        stats = torch.cat([((p - y) * w).sum((0, 2, 3)), (torch.diag(pw.sum(0)) - pw.T @ p.permute(0, 2, 3, 1).reshape(-1, C)).flatten()])
+        if world > 1:
+            stats = accelerator.reduce(stats, reduction="sum")
+        grad, hess = stats[:C], stats[C:].view(C, C)
+        if float(grad.abs().max()) < 1e-9 * max(1, len(indices)):
+            break
+        eye = torch.eye(C, dtype=hess.dtype, device=device)
+        step = torch.linalg.solve(hess + 1e-6 * max(1, len(indices)) * eye, grad)
+        step = step / max(1.0, float(step.abs().max()))  # at most 1 per class and iteration: Newton from
+        # far off (saturated probabilities, a tiny Hessian) would overshoot
+        shift = (shift - step).clamp(-max_shift, max_shift)
+        shift = shift - shift.mean()  # only differences between classes matter
+    return shift.float()
 
 
 @torch.no_grad()
@@ -323,12 +410,14 @@ def reference_grad(
     autocast=contextlib.nullcontext,
     num_workers: int = 0,
     feature_mean: bool = False,
+    logit_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``g_S`` = gradient of the mean loss over the strong images ``indices`` (global list) w.r.t. the
     classifier (weight [C, F], bias [C]), fp32, identical on every process.
 
     With ``feature_mean`` also returns the classifier input averaged over the strong images' pixels
-    ([F]; each image's spatial mean, averaged over images), for :func:`centred_reference`."""
+    ([F]; each image's spatial mean, averaged over images), for :func:`centred_reference`. A
+    ``logit_shift`` [C] (:func:`calibrate_logits`) is added to the logits first, as if to the bias."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     cls = model.classifier
@@ -341,7 +430,7 @@ def reference_grad(
             x = batch["image"].to(device)
             y = batch["mask"].to(device)
             out = _forward_features(model, x, autocast)
-            w, b = classifier_grad(out.feats, out.logits_low, y, ignore_index)
+            w, b = classifier_grad(out.feats, _shifted(out.logits_low, logit_shift), y, ignore_index)
             n = x.shape[0]  # classifier_grad averages over its batch: back to a sum
             gW += w.float() * n
             gb += b.float() * n
@@ -382,9 +471,11 @@ def weak_scores(
     ignore_index: int = 255,
     autocast=contextlib.nullcontext,
     num_workers: int = 0,
+    logit_shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``s_k = <g_k, g_ref>`` for the dataset items ``indices`` (global list), sharded across
-    processes and gathered: returns a CPU float32 tensor aligned with ``indices`` on every process."""
+    processes and gathered: returns a CPU float32 tensor aligned with ``indices`` on every process.
+    ``logit_shift`` as in :func:`reference_grad`."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     n = len(indices)
@@ -400,7 +491,7 @@ def weak_scores(
             x = batch["image"].to(device)
             y = batch["mask"].to(device)
             out = _forward_features(model, x, autocast)
-            s = dii_scores(out.feats, out.logits_low, y, W, b, ignore_index)
+            s = dii_scores(out.feats, _shifted(out.logits_low, logit_shift), y, W, b, ignore_index)
             local_scores[k:k + s.shape[0]] = s.float()
             k += s.shape[0]
     if world > 1:
@@ -475,8 +566,13 @@ class DIIUpdater:
         try:
             strong = self.strong_set(step, accelerator.num_processes)
             centred = self.cfg.score == "centred"
+            shift = None
+            if self.cfg.score == "calibrated":
+                shift = calibrate_logits(model, self.dataset, strong, accelerator, self.cfg.scan_batch_size,
+                                         self.ignore_index, autocast, self.num_workers)
             ref = reference_grad(model, self.dataset, strong, accelerator, self.cfg.scan_batch_size,
-                                 self.ignore_index, autocast, self.num_workers, feature_mean=centred)
+                                 self.ignore_index, autocast, self.num_workers, feature_mean=centred,
+                                 logit_shift=shift)
             g_w, g_b = ref[0], ref[1]  # g_S, logged before any centring
             if centred:
                 ref = centred_reference(*ref)
@@ -485,7 +581,8 @@ class DIIUpdater:
             t1 = time.perf_counter()
             ranks = self.scan_set(step)
             scores = weak_scores(model, self.dataset, self.weak_indices[ranks].tolist(), ref, accelerator,
-                                 self.cfg.scan_batch_size, self.ignore_index, autocast, self.num_workers)
+                                 self.cfg.scan_batch_size, self.ignore_index, autocast, self.num_workers,
+                                 logit_shift=shift)
         finally:
             model.train(was_training)
         t2 = time.perf_counter()
@@ -503,6 +600,8 @@ class DIIUpdater:
             # Positive (the network over-predicts foreground) makes an all-background weak mask score
             # positive whatever its quality: see benchmarks/RESULTS.md, section 5, diagnostics.
             "dii/strong_fg_excess": float(g_b[1:].sum()),
+            # dii.score=calibrated: the offset added to the foreground logits (minus the background's)
+            "dii/calibration_shift": float(shift[1:].mean() - shift[0]) if shift is not None else 0.0,
             "dii/seconds_strong": t1 - t0,
             "dii/seconds_scan": t2 - t1,
             "dii/scanned": int(len(ranks)),

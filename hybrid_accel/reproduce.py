@@ -219,9 +219,11 @@ def trainer_args(preset: Preset, method: Method, seed: int, data_root: Path, run
     if preset.config:
         args += ["--config", str(REPO / preset.config)]
     args += [*preset.overrides, *method.overrides, f"data.root={data_root}", f"out_dir={runs_dir}",
-             f"name={run_name(method.key, seed)}", f"seed={seed}", "log.tracking=none", "log.progress=false",
-             *extra]
-    return args
+             f"name={run_name(method.key, seed)}", f"seed={seed}", "log.tracking=none", "log.progress=false"]
+    if preset.threads:  # explicit: the trainer's own choice reads the load when a run starts, and two runs
+        # started together on an idle machine each took both cores (4 threads on 2 cores: 3x slower)
+        args.append(f"train.cpu_threads={preset.threads}")
+    return args + list(extra)
 
 
 def _run_subprocess(args: list[str], log: Path, threads: int) -> int:

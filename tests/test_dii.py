@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hybrid_accel import ops
 from hybrid_accel.dii import (
     DIIUpdater,
+    calibrate_logits,
     GammaState,
     centred_reference,
     classifier_grad,
@@ -366,3 +367,76 @@ def test_classifier_grad_matches_autograd():
         cw, cb = classifier_grad(feats, head(feats), labels)
     torch.testing.assert_close(cw, gw.view(C, Fc), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(cb, gb, rtol=1e-12, atol=1e-14)
+
+
+def _calib_case():
+    torch.manual_seed(5)
+    net = FeatNet(4, 3).double()
+    x = torch.randn(9, 4, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (9, 6, 6))
+    y[2, :2] = 255  # ignored pixels weigh nothing
+    y[6:] = 0  # three all-background ("dropped") weak masks
+    return net, x, y, np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7, 8])
+
+
+def test_calibrated_offset_matches_the_strong_sets_class_fractions():
+    # labels at the logits' resolution (FeatNet): at the offset, g_S's bias part, which is the
+    # predicted minus the true fraction of each class, vanishes; an all-round shift is undone exactly
+    net, x, y, strong, _ = _calib_case()
+    items = _items(x, y)
+    _, gb0 = reference_grad(net, items, strong.tolist(), _acc(), batch_size=3)
+    shift = calibrate_logits(net, items, strong.tolist(), _acc(), batch_size=3)
+    assert float(gb0.abs().max()) > 1e-2 and abs(float(shift.sum())) < 1e-5
+    _, gb = reference_grad(net, items, strong.tolist(), _acc(), batch_size=3, logit_shift=shift)
+    assert float(gb.abs().max()) < 1e-5
+    with torch.no_grad():
+        net.classifier.bias += torch.tensor([0.0, 2.0, -1.0], dtype=torch.float64)
+    moved = calibrate_logits(net, items, strong.tolist(), _acc(), batch_size=3)
+    want = shift.double() - torch.tensor([0.0, 2.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(moved.double(), want - want.mean(), atol=1e-4, rtol=0)
+
+
+def test_calibrated_score_ignores_the_networks_foreground_bias():
+    # dii.score=calibrated: the scores do not move when the classifier's bias does, while the paper's
+    # score of the all-background masks changes sign once the network over-predicts foreground
+    net, x, y, strong, weak = _calib_case()
+    items = _items(x, y)
+
+    def scores(kind):
+        cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=4, score=kind)
+        up = DIIUpdater(GammaState(len(weak)), items, strong, weak, cfg, seed=0)
+        stats = up.update(net, _acc(), step=1)
+        return up.last_scores.clone(), stats
+
+    with torch.no_grad():
+        net.classifier.bias.copy_(torch.tensor([2.0, -1.0, -1.0], dtype=torch.float64))  # under-predicts
+    cal_under, st_under = scores("calibrated")
+    paper_under, _ = scores("paper")
+    with torch.no_grad():
+        net.classifier.bias.copy_(torch.tensor([-2.0, 1.0, 1.0], dtype=torch.float64))  # over-predicts
+    cal_over, st_over = scores("calibrated")
+    paper_over, _ = scores("paper")
+    torch.testing.assert_close(cal_over, cal_under, rtol=1e-4, atol=1e-7)
+    assert st_over["dii/calibration_shift"] == pytest.approx(st_under["dii/calibration_shift"] - 6.0, abs=1e-3)
+    dropped = slice(2, 5)  # weak ranks of the all-background masks
+    assert torch.all(paper_under[dropped] < 0) and torch.all(paper_over[dropped] > 0)
+
+
+def test_scaled_sgd_moves_each_gamma_by_its_own_score():
+    # dii.optimizer=scaled_sgd: gamma_k -= lr * h_k / RMS(h) (h = -s, the hypergradient), then clip;
+    # Adam's first step moves every gamma by lr whatever the score's size
+    g = GammaState(4, init=0.5, lr=0.3, optimizer="scaled_sgd")
+    h = torch.tensor([-1.0, -0.1, 0.2, 5.0])
+    rms = float(h.square().mean().sqrt())
+    g.step(torch.arange(4), h)
+    torch.testing.assert_close(g.gamma, (0.5 - 0.3 * h / rms).clamp(0, 1))
+    assert g.gamma[3] == 0.0 and g.updates == 1  # clipped
+    a = GammaState(4, init=0.5, lr=0.1)
+    a.step(torch.arange(4), h)
+    torch.testing.assert_close(a.gamma, 0.5 - 0.1 * torch.sign(h), atol=1e-6, rtol=0)
+    g.step(torch.tensor([1, 2]), torch.zeros(2))  # all scores zero: nothing moves
+    assert g.updates == 2 and float(g.gamma[1]) == pytest.approx(0.5 + 0.3 * 0.1 / rms)
+    g.step(torch.tensor([0]), torch.tensor([2.0]), lr_scale=0.5)  # a subset scan (RMS over it); the poly factor
+    assert float(g.gamma[0]) == pytest.approx(0.5 + 0.3 / rms - 0.15)
+    with pytest.raises(ValueError, match="scaled_sgd"):
+        GammaState(2, optimizer="sgd")

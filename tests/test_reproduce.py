@@ -58,7 +58,10 @@ def test_presets_resolve_to_valid_configs():
             config = None
             if args[0] == "--config":
                 config, args = args[1], args[2:]
-            validate_config(load_config(config, args))
+            cfg = load_config(config, args)
+            validate_config(cfg)
+            # runs that share the CPU get their thread count explicitly (not from the load at their start)
+            assert cfg.train.cpu_threads == preset.threads
 
 
 def test_summary_targets():
