@@ -139,7 +139,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches accumulated per optimiser step
     mixed_precision: str | None = None  # no | bf16 | fp16; null = from the accelerate config / launch flags
     cpu: bool = False  # force the CPU even when a GPU is present
-    cpu_threads: int = 0  # torch CPU threads per process; 0 = torch's default, or 1 when the CPU is busy
+    cpu_threads: int = 0  # torch CPU threads per process; 0 = the physical cores shared among the processes, or 1 when the CPU is busy
 
 
 @dataclass

@@ -691,7 +691,8 @@ def _wandb_log(accelerator: Any, make: Any, step: int) -> None:
 
 def cpu_thread_count(requested: int, processes: int, load: float, cores: int) -> int:
     """torch CPU threads per process: ``requested`` when set, else the physical cores shared among the
-    processes, or 1 when the CPU is already busy (load above half the cores).
+    processes, or 1 when the CPU is already busy (``load``, other processes' busy cores from
+    :func:`busy_cores`, above half the cores).
 
     OpenMP threads that share cores with other busy processes wait on each other: on a loaded
     2-core machine two threads per process ran 20x slower than one (benchmarks/RESULTS.md, section 2.2).
@@ -716,16 +717,43 @@ def _physical_cores() -> int:
     return max(1, n)
 
 
+def busy_cores(window: float = 0.5) -> float:
+    """CPUs kept busy by other processes right now: the machine's non-idle time over ``window``
+    seconds (``/proc/stat``) less this process's own, in cores.
+
+    Not the load average: that decays over minutes, so a run started just after another one ended
+    read the finished run's load as "busy" and trained on one thread, twice as slow. Falls back to the
+    1-minute load average where ``/proc/stat`` is missing (macOS, Windows)."""
+    def snap() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [float(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return sum(v), v[3] + v[4]  # total, idle + iowait (jiffies)
+
+    a, own0, t0 = snap(), time.process_time(), time.perf_counter()
+    if a is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(window)
+    b, own1, t1 = snap(), time.process_time(), time.perf_counter()
+    if b is None or b[0] <= a[0]:
+        return 0.0
+    busy = (1.0 - (b[1] - a[1]) / (b[0] - a[0])) * (os.cpu_count() or 1)
+    return max(0.0, busy - (own1 - own0) / max(t1 - t0, 1e-6))
+
+
 def _set_cpu_threads(cfg: Config, accelerator: Any) -> None:
     """Set torch's CPU threads (``train.cpu_threads``; 0 = :func:`cpu_thread_count`'s choice)."""
     if accelerator.device.type != "cpu" and not cfg.train.cpu_threads:
         return
     cores = _physical_cores()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = 0.0 if cfg.train.cpu_threads else busy_cores()
     n = cpu_thread_count(cfg.train.cpu_threads, accelerator.num_processes, load, cores)
     torch.set_num_threads(n)
     if n == 1 and not cfg.train.cpu_threads and cores > 1:
-        _say(accelerator, f"CPU busy (load {load:.1f} on {cores} cores, {accelerator.num_processes} process(es)): "
+        _say(accelerator, f"CPU busy ({load:.1f} of {cores} cores in use by other processes, "
+                          f"{accelerator.num_processes} process(es) here): "
                           "using 1 torch thread per process (set train.cpu_threads to choose)")
 
 

@@ -183,6 +183,37 @@ def test_cpu_thread_count():
     assert cpu_thread_count(0, processes=1, load=1.5, cores=2) == 1  # busy: one thread
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="busy_cores reads /proc/stat (Linux)")
+def test_busy_cores_counts_other_processes_now_not_this_one():
+    # what picks the thread count: CPU use right now (a spinning child counts), not the decaying load
+    # average, and never this process's own work (a spinning thread here does not count)
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from hybrid_accel.train import busy_cores
+
+    base = busy_cores(0.4)
+    if base > (os.cpu_count() or 1) - 0.7:
+        pytest.skip(f"no free core to measure with ({base:.1f} busy)")
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        time.sleep(0.5)
+        with_child = busy_cores(0.6)
+    finally:
+        child.kill()
+        child.wait()
+    assert with_child > base + 0.6, (base, with_child)
+    stop = time.time() + 1.2
+    spinner = threading.Thread(target=lambda: [None for _ in iter(lambda: time.time() < stop, False)])
+    spinner.start()
+    own = busy_cores(0.6)
+    spinner.join()
+    assert own < base + 0.4, (base, own)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.output_stride=7", "model.output_stride=7: choose 8, 16 or 32"),
     ("model.backbone=resnet_18", "did you mean"),

@@ -385,8 +385,10 @@ def test_calibrated_offset_matches_the_strong_sets_class_fractions():
     net, x, y, strong, _ = _calib_case()
     items = _items(x, y)
     _, gb0 = reference_grad(net, items, strong.tolist(), _acc(), batch_size=3)
-    shift = calibrate_logits(net, items, strong.tolist(), _acc(), batch_size=3)
+    shift, excess = calibrate_logits(net, items, strong.tolist(), _acc(), batch_size=3, with_excess=True)
     assert float(gb0.abs().max()) > 1e-2 and abs(float(shift.sum())) < 1e-5
+    # the excess it reports is the network's own, before the offset (what dii/strong_fg_excess logs)
+    assert abs(excess - float(gb0[1:].sum())) < 1e-5 and abs(excess) > 1e-2
     _, gb = reference_grad(net, items, strong.tolist(), _acc(), batch_size=3, logit_shift=shift)
     assert float(gb.abs().max()) < 1e-5
     with torch.no_grad():
