@@ -126,7 +126,7 @@ class DIIConfig:
     warmup: int = 0  # no gamma update before this step (the authors' code: 400)
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
     score: str = "centred"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature | calibrated: at the bias that best fits the strong set (both not in the paper)
-    lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code)
+    lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code) | inv_sqrt: lr / sqrt(k) at the k-th update (not in the paper)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
     scan_batch_size: int = 64  # images per forward pass in the strong pass and the weak scan (per process)
@@ -401,7 +401,7 @@ _CHOICES = {
     "method.pseudo_loss": ("ce", "kl"),
     "dii.scan": ("all", "subset"),
     "dii.score": ("paper", "weight", "centred", "calibrated"),
-    "dii.lr_schedule": ("constant", "poly"),
+    "dii.lr_schedule": ("constant", "poly", "inv_sqrt"),
     "dii.optimizer": ("adam", "scaled_sgd"),
     "method.dcr_supervision": ("split", "both"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),

@@ -614,10 +614,24 @@ def after_step(run: Run) -> None:
                              cfg.checkpoint.keep_last)
 
 
+def gamma_lr_scale(cfg: Config, step: int, updates_done: int) -> float:
+    """The factor on gamma's learning rate for the update at ``step``, after ``updates_done`` updates.
+
+    ``constant``: 1. ``poly``: the network's schedule factor (the authors' code). ``inv_sqrt`` (not in
+    the paper): 1 / sqrt(k) at the k-th update, a Robbins-Monro step. Early updates, which separate the
+    dropped annotations from the kept ones best, move gamma most; later ones, whose scores for the kept
+    masks hover about 0, cannot random-walk a good mask into gamma 0 (benchmarks/RESULTS.md, section 5)."""
+    if cfg.dii.lr_schedule == "poly":
+        return lr_factor(step, cfg)
+    if cfg.dii.lr_schedule == "inv_sqrt":
+        return 1.0 / math.sqrt(updates_done + 1)
+    return 1.0
+
+
 def gamma_update(run: Run) -> None:
     """One DII update of gamma from the primary network, then its log line, metrics and history."""
     cfg, acc, step, gamma = run.cfg, run.accelerator, run.step, run.gamma
-    gamma_lr = lr_factor(step, cfg) if cfg.dii.lr_schedule == "poly" else 1.0
+    gamma_lr = gamma_lr_scale(cfg, step, gamma.updates)
     stats = run.updater.update(run.raw[0], acc, step, acc.autocast, gamma_lr)
     if cfg.debug.check_gamma and run.world > 1:
         cs = torch.tensor([gamma.checksum()], dtype=torch.float64, device=run.device)

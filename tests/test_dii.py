@@ -293,6 +293,31 @@ def test_gamma_lr_scale():
     torch.testing.assert_close(g.gamma, torch.tensor([0.525, 0.475]))
 
 
+def test_gamma_inv_sqrt_schedule():
+    # dii.lr_schedule=inv_sqrt: the k-th update's rate is lr / sqrt(k), counted by GammaState.updates
+    # (saved in checkpoints, so a resumed run goes on with the same step sizes). With a score of one
+    # sign, each Adam step moves gamma by exactly its rate.
+    from hybrid_accel.config import load_config
+    from hybrid_accel.train import gamma_lr_scale
+
+    cfg = load_config(None, ["dii.lr_schedule=inv_sqrt"])
+    g = GammaState(2, init=0.5, lr=0.1, clip=(0.0, 2.0))
+    want = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for k in range(1, 5):
+        scale = gamma_lr_scale(cfg, step=100 * k, updates_done=g.updates)
+        assert scale == pytest.approx(k ** -0.5)
+        g.step(torch.tensor([0, 1]), torch.tensor([-3.0, 0.5]), lr_scale=scale)
+        want += torch.tensor([0.1, -0.1], dtype=torch.float64) / k ** 0.5
+    torch.testing.assert_close(g.gamma.double(), want, rtol=0, atol=1e-6)
+    restored = GammaState(2)
+    restored.load_state_dict(g.state_dict())
+    assert gamma_lr_scale(cfg, 500, restored.updates) == pytest.approx(5 ** -0.5)
+    for other, factor in (("constant", 1.0), ("poly", None)):
+        c = load_config(None, [f"dii.lr_schedule={other}", "train.steps=100"])
+        got = gamma_lr_scale(c, step=50, updates_done=3)
+        assert got == pytest.approx(factor if factor is not None else 0.5 ** 0.9)
+
+
 def test_gamma_csv_round_trip(tmp_path):
     g = GammaState(3)
     g.gamma = torch.tensor([0.25, 1.0, 0.125])
