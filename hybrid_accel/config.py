@@ -90,7 +90,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd (the paper's)
-    lr: float = 3e-4  # learning rate of the encoder at step 0 (paper, SGD: 0.002)
+    lr: float = 1e-3  # learning rate of the encoder at step 0 (paper, SGD: 0.002; configs/polyp.yaml: 3e-4)
     momentum: float = 0.9  # SGD momentum (paper: 0.9); AdamW uses (momentum, 0.999) as its betas
     weight_decay: float = 5e-5  # weight decay (paper: 5e-5); decoupled under AdamW
     schedule: str = "poly"  # poly: lr * (1 - t/steps)^power | cosine | constant
