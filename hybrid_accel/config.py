@@ -127,6 +127,7 @@ class DIIConfig:
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
     score: str = "centred"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature | calibrated: at the bias that best fits the strong set (both not in the paper)
     lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code) | inv_sqrt: lr / sqrt(k) at the k-th update (not in the paper)
+    networks: str = "primary"  # primary (paper): the score from the primary network | both: the sum of both networks' scores (with DCR; not in the paper)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
     scan_batch_size: int = 64  # images per forward pass in the strong pass and the weak scan (per process)
@@ -400,6 +401,7 @@ _CHOICES = {
     "method.paste": ("foreground", "cutmix"),
     "method.pseudo_loss": ("ce", "kl"),
     "dii.scan": ("all", "subset"),
+    "dii.networks": ("primary", "both"),
     "dii.score": ("paper", "weight", "centred", "calibrated"),
     "dii.lr_schedule": ("constant", "poly", "inv_sqrt"),
     "dii.optimizer": ("adam", "scaled_sgd"),
@@ -474,6 +476,9 @@ def validate_config(cfg: Config) -> None:
                  "has only one kind (set method.dii=false for this baseline)")
     if m.dii_sampling and not m.dii:
         p.append("method.dii_sampling needs method.dii (there is no gamma to sample by)")
+    if m.dii and cfg.dii.networks == "both" and not m.dcr:
+        p.append("dii.networks=both sums the DII scores of the two DCR networks, and method.dcr=false trains one "
+                 "(set dii.networks=primary, or method.dcr=true)")
     if not 0.0 <= m.sampling_floor <= 1.0:
         p.append(f"method.sampling_floor={m.sampling_floor}: a sampling weight between 0 and 1 (strong images weigh 1)")
     p += _eval_problems(cfg)

@@ -565,9 +565,8 @@ class DIIUpdater:
         g = make_generator(self.seed, "dii-scan", step)
         return np.sort(torch.randperm(n, generator=g)[: self.cfg.scan_size].numpy())
 
-    def update(
-        self, model: nn.Module, accelerator: Any, step: int, autocast=contextlib.nullcontext, lr_scale: float = 1.0
-    ) -> dict:
+    def _scores(self, model: nn.Module, accelerator: Any, step: int, autocast) -> tuple:
+        """One network's scores on this update's scan set, with its g_S statistics."""
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -593,7 +592,24 @@ class DIIUpdater:
                                  logit_shift=shift)
         finally:
             model.train(was_training)
-        t2 = time.perf_counter()
+        return scores, ranks, (g_w, g_b, shift, excess), (t1 - t0, time.perf_counter() - t1)
+
+    def update(
+        self, model: nn.Module | Sequence[nn.Module], accelerator: Any, step: int, autocast=contextlib.nullcontext,
+        lr_scale: float = 1.0
+    ) -> dict:
+        """One gamma update. ``model`` is one network, or several (``dii.networks=both``): then s_k is the
+        sum of each network's score against its own g_S, the one-step hypergradient of gamma when gamma
+        weights every network's weak loss and the strong losses are summed. The logged g_S statistics are
+        the first network's."""
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        scores, first, t_strong, t_scan = None, None, 0.0, 0.0
+        for net in models:
+            s, ranks, info, (ts, tw) = self._scores(net, accelerator, step, autocast)
+            scores = s if scores is None else scores + s
+            first = first or info
+            t_strong, t_scan = t_strong + ts, t_scan + tw
+        g_w, g_b, shift, excess = first
         self.gamma.step(torch.as_tensor(ranks), -scores, lr_scale)  # hypergradient = -s_k
         self.last_scores = torch.full((self.gamma.n,), float("nan"))
         self.last_scores[torch.as_tensor(ranks).long()] = scores
@@ -611,8 +627,8 @@ class DIIUpdater:
             "dii/strong_fg_excess": float(g_b[1:].sum()) if excess is None else excess,
             # dii.score=calibrated: the offset added to the foreground logits (minus the background's)
             "dii/calibration_shift": float(shift[1:].mean() - shift[0]) if shift is not None else 0.0,
-            "dii/seconds_strong": t1 - t0,
-            "dii/seconds_scan": t2 - t1,
+            "dii/seconds_strong": t_strong,
+            "dii/seconds_scan": t_scan,
             "dii/scanned": int(len(ranks)),
             "dii/lr": self.gamma.lr * float(lr_scale),
         }

@@ -632,7 +632,8 @@ def gamma_update(run: Run) -> None:
     """One DII update of gamma from the primary network, then its log line, metrics and history."""
     cfg, acc, step, gamma = run.cfg, run.accelerator, run.step, run.gamma
     gamma_lr = gamma_lr_scale(cfg, step, gamma.updates)
-    stats = run.updater.update(run.raw[0], acc, step, acc.autocast, gamma_lr)
+    nets = run.raw[:2] if cfg.dii.networks == "both" else run.raw[:1]
+    stats = run.updater.update(nets, acc, step, acc.autocast, gamma_lr)
     if cfg.debug.check_gamma and run.world > 1:
         cs = torch.tensor([gamma.checksum()], dtype=torch.float64, device=run.device)
         allcs = acc.gather(cs).cpu()

@@ -318,6 +318,39 @@ def test_gamma_inv_sqrt_schedule():
         assert got == pytest.approx(factor if factor is not None else 0.5 ** 0.9)
 
 
+def test_scores_of_both_networks_add_up():
+    # dii.networks=both: s_k is the sum of each network's score against its own g_S
+    torch.manual_seed(4)
+    B, F_, C, H = 6, 4, 2, 4
+    nets = [FeatNet(F_, C).double(), FeatNet(F_, C).double()]
+    x = torch.randn(B, F_, H, H, dtype=torch.float64)
+    y = torch.randint(0, C, (B, H, H))
+    strong, weak = [0, 1], [2, 3, 4, 5]
+    want = []
+    for net in nets:
+        G = _per_sample_grads(net, x, y)
+        want.append(G[weak] @ G[strong].mean(0))
+    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=4, score="paper")
+    up = DIIUpdater(GammaState(4), _items(x, y), np.array(strong), np.array(weak), cfg, seed=0)
+    stats = up.update(nets, _acc(), step=1)
+    torch.testing.assert_close(up.last_scores.double(), want[0] + want[1], rtol=1e-4, atol=1e-7)
+    assert stats["dii/seconds_scan"] > 0
+    one = DIIUpdater(GammaState(4), _items(x, y), np.array(strong), np.array(weak), cfg, seed=0)
+    one.update(nets[1], _acc(), step=1)  # a single network as before
+    torch.testing.assert_close(one.last_scores.double(), want[1], rtol=1e-4, atol=1e-7)
+
+
+def test_both_networks_need_dcr():
+    from hybrid_accel.config import ConfigError, load_config, validate_config
+
+    validate_config(load_config(None, ["dii.networks=both"]))
+    with pytest.raises(ConfigError, match="dii.networks=both"):
+        validate_config(load_config(None, ["dii.networks=both", "method.dcr=false"]))
+    # a baseline without DII that inherits the setting is fine
+    validate_config(load_config(None, ["dii.networks=both", "method.dcr=false", "method.dii=false",
+                                       "method.dii_sampling=false"]))
+
+
 def test_gamma_csv_round_trip(tmp_path):
     g = GammaState(3)
     g.gamma = torch.tensor([0.25, 1.0, 0.125])

@@ -145,7 +145,8 @@ def test_strong_warmup_then_weak_images_with_a_gamma_update(tiny_data, tmp_path,
     strong = set(HybridDataset(tiny_data, "train").strong_indices.tolist())
     common = ["train.steps=5", "method.strong_warmup=2", "dii.tau=10", "dii.init=0.3", "eval.every=0",
               "checkpoint.every=1", "eval.test_on=last", "debug.dump=true", "method.lambda_warmup=2",
-              "method.dcr_supervision=both", "optim.head_lr_mult=10", "dii.lr_schedule=poly", "dii.score=weight"]
+              "method.dcr_supervision=both", "optim.head_lr_mult=10", "dii.lr_schedule=poly", "dii.score=weight",
+              "dii.networks=both"]
     full = trainer.train(_cfg(tiny_data, tmp_path / "a", *common))
     dump = json.loads((tmp_path / "a" / "t" / "debug" / "rank0.json").read_text())
     assert set(dump["samples"]["0"]) | set(dump["samples"]["1"]) <= strong
