@@ -565,13 +565,13 @@ class DIIUpdater:
         g = make_generator(self.seed, "dii-scan", step)
         return np.sort(torch.randperm(n, generator=g)[: self.cfg.scan_size].numpy())
 
-    def _scores(self, model: nn.Module, accelerator: Any, step: int, autocast) -> tuple:
-        """One network's scores on this update's scan set, with its g_S statistics."""
+    def _scores(self, model: nn.Module, strong: list[int], ranks: np.ndarray, accelerator: Any, autocast) -> tuple:
+        """One network's scores s_k for the weak ranks ``ranks`` against its own g_S on ``strong``, with its
+        g_S statistics and the seconds of the strong pass and of the scan."""
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
         try:
-            strong = self.strong_set(step, accelerator.num_processes)
             centred = self.cfg.score == "centred"
             shift, excess = None, None
             if self.cfg.score == "calibrated":
@@ -586,13 +586,12 @@ class DIIUpdater:
             elif self.cfg.score == "weight":  # the authors' code: the classifier weight's gradient only
                 ref = (g_w, torch.zeros_like(g_b))
             t1 = time.perf_counter()
-            ranks = self.scan_set(step)
             scores = weak_scores(model, self.dataset, self.weak_indices[ranks].tolist(), ref, accelerator,
                                  self.cfg.scan_batch_size, self.ignore_index, autocast, self.num_workers,
                                  logit_shift=shift)
         finally:
             model.train(was_training)
-        return scores, ranks, (g_w, g_b, shift, excess), (t1 - t0, time.perf_counter() - t1)
+        return scores, (g_w, g_b, shift, excess), (t1 - t0, time.perf_counter() - t1)
 
     def update(
         self, model: nn.Module | Sequence[nn.Module], accelerator: Any, step: int, autocast=contextlib.nullcontext,
@@ -603,13 +602,13 @@ class DIIUpdater:
         weights every network's weak loss and the strong losses are summed. The logged g_S statistics are
         the first network's."""
         models = [model] if isinstance(model, nn.Module) else list(model)
-        scores, first, t_strong, t_scan = None, None, 0.0, 0.0
-        for net in models:
-            s, ranks, info, (ts, tw) = self._scores(net, accelerator, step, autocast)
-            scores = s if scores is None else scores + s
-            first = first or info
-            t_strong, t_scan = t_strong + ts, t_scan + tw
-        g_w, g_b, shift, excess = first
+        strong = self.strong_set(step, accelerator.num_processes)  # the same draw for every network
+        ranks = self.scan_set(step)
+        per_net = [self._scores(net, strong, ranks, accelerator, autocast) for net in models]
+        scores = torch.stack([s for s, _, _ in per_net]).sum(0)
+        g_w, g_b, shift, excess = per_net[0][1]
+        t_strong = sum(t[0] for _, _, t in per_net)
+        t_scan = sum(t[1] for _, _, t in per_net)
         self.gamma.step(torch.as_tensor(ranks), -scores, lr_scale)  # hypergradient = -s_k
         self.last_scores = torch.full((self.gamma.n,), float("nan"))
         self.last_scores[torch.as_tensor(ranks).long()] = scores

@@ -629,7 +629,8 @@ def gamma_lr_scale(cfg: Config, step: int, updates_done: int) -> float:
 
 
 def gamma_update(run: Run) -> None:
-    """One DII update of gamma from the primary network, then its log line, metrics and history."""
+    """One DII update of gamma from the primary network (``dii.networks=both``: from both), then its log
+    line, metrics and history."""
     cfg, acc, step, gamma = run.cfg, run.accelerator, run.step, run.gamma
     gamma_lr = gamma_lr_scale(cfg, step, gamma.updates)
     nets = run.raw[:2] if cfg.dii.networks == "both" else run.raw[:1]
