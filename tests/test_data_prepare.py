@@ -150,6 +150,55 @@ def test_prepare_command(tmp_path, capsys):
     assert cli(["prepare", str(tmp_path / "nope"), "--out", str(out), "--no-progress"]) == 1
 
 
+def test_prepare_strong_by_group_takes_whole_groups(tmp_path):
+    # 10 groups of 3 frames, train 7 groups: 4 strong frames by group means two whole groups (6 frames),
+    # every frame of a group strong or none; by frame, 4 frames.
+    src = _annotated_folder(tmp_path / "src")
+    man = load_manifest(prepare_hybrid(src, tmp_path / "g", strong_count=4, strong_by="group", seed=0, workers=1))
+    train = [r for r in man.records if r["split"] == "train"]
+    kinds = {}
+    for r in train:
+        kinds.setdefault(r["group"], set()).add(r["kind"])
+    assert all(len(k) == 1 for k in kinds.values())
+    assert sorted(len(k) for k in kinds.values()) == [1] * 7
+    strong_groups = [g for g, k in kinds.items() if k == {"strong"}]
+    assert len(strong_groups) == 2 and sum(r["kind"] == "strong" for r in train) == 6
+    again = load_manifest(prepare_hybrid(src, tmp_path / "g2", strong_count=4, strong_by="group", seed=0, workers=1))
+    assert [(r["group"], r["kind"]) for r in again.records] == [(r["group"], r["kind"]) for r in man.records]
+    other = load_manifest(prepare_hybrid(src, tmp_path / "g3", strong_count=4, strong_by="group", seed=1, workers=1))
+    other_strong = {r["group"] for r in other.records if r["kind"] == "strong" and r["split"] == "train"}
+    assert len(other_strong) == 2
+    by_frame = load_manifest(prepare_hybrid(src, tmp_path / "f", strong_count=4, seed=0, workers=1))
+    assert sum(r["kind"] == "strong" and r["split"] == "train" for r in by_frame.records) == 4
+    none = load_manifest(prepare_hybrid(src, tmp_path / "z", strong_count=0, strong_by="group", seed=0, workers=1))
+    assert not any(r["kind"] == "strong" for r in none.records if r["split"] == "train")
+
+
+def test_prepare_strong_by_rejects_unknown_and_cli_passes_it(tmp_path, capsys):
+    src = _annotated_folder(tmp_path / "src")
+    with pytest.raises(ValueError, match="strong_by='sequence'.*frame, group"):
+        prepare_hybrid(src, tmp_path / "bad", strong_by="sequence", workers=1)
+    assert not (tmp_path / "bad").exists()  # rejected before anything is written
+    out = tmp_path / "out"
+    assert cli(["prepare", str(src), "--out", str(out), "--strong-count", "3", "--strong-by", "group",
+                "--no-progress", "--no-check"]) == 0
+    train = [r for r in load_manifest(out).records if r["split"] == "train"]
+    assert sum(r["kind"] == "strong" for r in train) == 3  # one whole group of 3
+    assert len({r["group"] for r in train if r["kind"] == "strong"}) == 1
+
+
+@pytest.mark.skipif(not (CVC / "sequences.csv").exists(), reason="CVC-ClinicDB not present")
+def test_prepare_cvc_strong_by_group_covers_few_sequences(tmp_path):
+    # the reproduction preset's dataset: 10% of the train frames strong, as whole sequences
+    path = prepare_hybrid(CVC, tmp_path / "cvc", strong_fraction=0.1, strong_by="group", seed=0, workers=2)
+    train = [r for r in load_manifest(path).records if r["split"] == "train"]
+    strong = [r for r in train if r["kind"] == "strong"]
+    assert len(strong) >= round(0.1 * len(train))
+    assert len({r["group"] for r in strong}) <= 3 < len({r["group"] for r in train})
+    groups_strong = {r["group"] for r in strong}
+    assert all(r["kind"] == "strong" for r in train if r["group"] in groups_strong)
+
+
 @pytest.mark.skipif(not (CVC / "sequences.csv").exists(), reason="CVC-ClinicDB not present")
 def test_prepare_cvc_clinicdb_subset(tmp_path):
     path = prepare_hybrid(CVC, tmp_path / "cvc", strong_count=2, max_groups=10, max_per_group=2, seed=0,

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="CSV listing the pairs (default: the one in the source)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of groups for val (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of groups for test (default 0.2)")
+    p.add_argument("--strong-by", choices=("frame", "group"), default="frame",
+                   help="strong images as single frames drawn at random (default), or as whole groups "
+                        "(sequences, patients) drawn until they hold the strong count")
     p.add_argument("--mask-mapping", default="auto",
                    help="raw:class pairs such as 0:0,255:1, or threshold:T (raw >= T is class 1); 'auto' maps "
                         "0/255 masks to 0/1 and thresholds 0/255 masks saved as JPEG at 128 (default)")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             path = prepare_hybrid(
                 args.source, args.out, csv_path=args.csv, strong_fraction=args.strong_fraction,
-                strong_count=args.strong_count, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                strong_count=args.strong_count, strong_by=args.strong_by, val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
                 weak=args.weak, severity=args.severity, drop_fraction=args.drop_fraction, seed=args.seed,
                 mask_mapping=args.mask_mapping, num_classes=args.num_classes,
                 class_names=args.class_names.split(",") if args.class_names else None,
