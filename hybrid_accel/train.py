@@ -290,8 +290,11 @@ class Run:
         self.class_names = self.train_ds.manifest.meta.get("class_names")
         self.weak_rank = np.full(len(self.train_ds), -1, dtype=np.int64)
         self.weak_rank[self.train_ds.weak_indices] = np.arange(len(self.train_ds.weak_indices))
-        # the samplers' weights during method.strong_warmup
-        self.strong_only = (self.train_ds.kinds == KIND_STRONG).astype(np.float64)
+        # the samplers' weights during method.strong_warmup: the images with exact masks (every image with
+        # data.train_on=full, whose weak images carry their true masks: fully supervised has no warm-up to do)
+        exact = np.ones(len(self.train_ds), dtype=bool) if self.cfg.data.train_on == "full" else (
+            self.train_ds.kinds == KIND_STRONG)
+        self.strong_only = exact.astype(np.float64)
         self.track_name = self.cfg.eval.model if self.cfg.eval.model != "auto" else (
             "ensemble" if len(self.nets) == 2 else "net")
         self.dump = {"rank": self.rank, "samples": {}, "gamma_checksums": {}}

@@ -137,6 +137,24 @@ def test_evaluate_loads_runs_and_checkpoints(tiny_data, tmp_path):
         load_models_for_eval(tmp_path / "nothing-here")
 
 
+def test_strong_warmup_draws_every_image_when_fully_supervised(tiny_data, tmp_path):
+    # data.train_on=full gives every train image its exact mask, so a strong warm-up (set in the
+    # recommended config that every baseline starts from) must not shrink fully supervised to the strong
+    # subset for its first steps; a hybrid run's warm-up still draws strong images only.
+    from hybrid_accel.data import HybridDataset
+
+    strong = set(HybridDataset(tiny_data, "train").strong_indices.tolist())
+    common = ["train.steps=3", "method.strong_warmup=2", "eval.every=0", "eval.test_on=last", "debug.dump=true",
+              "method.dii=false", "method.dcr=false", "method.dii_sampling=false"]
+    trainer.train(_cfg(tiny_data, tmp_path / "full", *common, "data.train_on=full"))
+    dump = json.loads((tmp_path / "full" / "t" / "debug" / "rank0.json").read_text())
+    warm = set(dump["samples"]["0"]) | set(dump["samples"]["1"])
+    assert warm - strong, "fully supervised warmed up on the strong images only"
+    trainer.train(_cfg(tiny_data, tmp_path / "hyb", *common, "data.train_on=hybrid"))
+    dump = json.loads((tmp_path / "hyb" / "t" / "debug" / "rank0.json").read_text())
+    assert set(dump["samples"]["0"]) | set(dump["samples"]["1"]) <= strong
+
+
 def test_strong_warmup_then_weak_images_with_a_gamma_update(tiny_data, tmp_path, capsys):
     # method.strong_warmup: the first steps draw strong images only (both samplers), then one gamma
     # update comes before any weak image is used; the run resumes exactly across the boundary.
