@@ -197,6 +197,8 @@ def test_prepare_cvc_strong_by_group_covers_few_sequences(tmp_path):
     assert len({r["group"] for r in strong}) <= 3 < len({r["group"] for r in train})
     groups_strong = {r["group"] for r in strong}
     assert all(r["kind"] == "strong" for r in train if r["group"] in groups_strong)
+    weak = [r for r in train if r["kind"] == "weak"]  # 40% of the weak images dropped, exactly
+    assert sum(r["weak_type"] == "drop" for r in weak) == round(0.4 * len(weak))
 
 
 @pytest.mark.skipif(not (CVC / "sequences.csv").exists(), reason="CVC-ClinicDB not present")

@@ -88,7 +88,8 @@ def _assign_kinds(
     else:
         chosen = _strong_groups(groups, n_strong, seed)
         strong[[i for i, g in enumerate(groups) if g in chosen]] = True
-    plan = iter(weak.plan(n_train - n_strong, np.random.default_rng([seed, 2])))
+    # whole groups can overshoot the strong count: plan exactly the weak images there are
+    plan = iter(weak.plan(n_train - int(strong.sum()), np.random.default_rng([seed, 2])))
     return [("strong", "", math.nan) if s else ("weak", *next(plan)) for s in strong]
 
 
