@@ -292,7 +292,7 @@ class Run:
         self.weak_rank[self.train_ds.weak_indices] = np.arange(len(self.train_ds.weak_indices))
         # the samplers' weights during method.strong_warmup: the images with exact masks (every image with
         # data.train_on=full, whose weak images carry their true masks: fully supervised has no warm-up to do)
-        exact = np.ones(len(self.train_ds), dtype=bool) if self.cfg.data.train_on == "full" else (
+        exact = np.ones(len(self.train_ds), dtype=bool) if self.train_ds.use_true_masks else (
             self.train_ds.kinds == KIND_STRONG)
         self.strong_only = exact.astype(np.float64)
         self.track_name = self.cfg.eval.model if self.cfg.eval.model != "auto" else (
