@@ -118,7 +118,8 @@ class MethodConfig:
 class DIIConfig:
     tau: int = 10  # network steps between two gamma updates (paper: 400)
     lr: float = 0.1  # learning rate on gamma (paper, Adam: beta = 0.1)
-    optimizer: str = "adam"  # adam (paper): each gamma moves by about lr per update | scaled_sgd: by lr * s_k / RMS(s) (not in the paper)
+    optimizer: str = "adam"  # adam (paper): each gamma moves by about lr per update | scaled_sgd: by lr * s_k / RMS(s) | median_sgd: by lr * clip(s_k / median |s|, +-step_clip) (both not in the paper)
+    step_clip: float = 3.0  # dii.optimizer=median_sgd: the largest step, in units of lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas on gamma (paper: 0.9, 0.999)
     eps: float = 1e-8  # Adam epsilon on gamma
     clip: list[float] = field(default_factory=lambda: [0.0, 1.0])  # gamma clipped to [low, high] (paper: [0, 1])
@@ -127,6 +128,7 @@ class DIIConfig:
     strong_batches: int = 0  # strong batches for the reference gradient g_S; 0 = the whole strong set
     score: str = "centred"  # paper: <g_k, g_S> | weight: classifier weight gradient only, no bias (authors' code) | centred: weight gradients about the strong set's mean feature | calibrated: at the bias that best fits the strong set (both not in the paper)
     lr_schedule: str = "constant"  # constant | poly: gamma's learning rate follows the network's schedule (authors' code) | inv_sqrt: lr / sqrt(k) at the k-th update (not in the paper)
+    normalize: str = "none"  # none (paper) | area: each weak image's score divided by its foreground area, max(predicted, annotated) (not in the paper)
     networks: str = "primary"  # primary (paper): the score from the primary network | both: the sum of both networks' scores (with DCR; not in the paper)
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
@@ -404,7 +406,8 @@ _CHOICES = {
     "dii.networks": ("primary", "both"),
     "dii.score": ("paper", "weight", "centred", "calibrated"),
     "dii.lr_schedule": ("constant", "poly", "inv_sqrt"),
-    "dii.optimizer": ("adam", "scaled_sgd"),
+    "dii.optimizer": ("adam", "scaled_sgd", "median_sgd"),
+    "dii.normalize": ("none", "area"),
     "method.dcr_supervision": ("split", "both"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
     "eval.test_on": ("best", "last"),
@@ -445,6 +448,8 @@ def validate_config(cfg: Config) -> None:
         p.append(f"dii.init={d.init}: must lie in dii.clip={d.clip}")
     if d.warmup < 0:
         p.append(f"dii.warmup={d.warmup}: cannot be negative")
+    if d.step_clip <= 0:
+        p.append(f"dii.step_clip={d.step_clip}: must be positive (the largest median_sgd step, in units of dii.lr)")
     if d.strong_batches < 0:
         p.append(f"dii.strong_batches={d.strong_batches}: 0 (whole strong set) or a positive count")
     if d.scan == "subset" and d.scan_size <= 0:

@@ -44,7 +44,7 @@ from .sampling import make_generator
 
 __all__ = ["GammaState", "reference_grad", "calibrate_logits", "centred_reference", "weak_scores", "DIIUpdater", "due",
            "ce_grad_logits", "classifier_grad", "dii_scores", "gamma_quality", "describe_update", "write_gamma_csv",
-           "read_gamma_csv", "append_gamma_history"]
+           "read_gamma_csv", "append_gamma_history", "foreground_area"]
 
 
 # ------------------------------------------------------------------ per-instance classifier gradients
@@ -113,6 +113,7 @@ def dii_scores(
     ignore_index: int = 255,
     backend: str | None = None,
     chunk_size: int | None = 16,
+    normalize: str = "none",
 ) -> torch.Tensor:
     """Per-instance scores ``s_k = <grad_theta' l_k, g_ref>`` for the final 1x1 classifier.
 
@@ -121,7 +122,13 @@ def dii_scores(
     Instances are processed ``chunk_size`` at a time (None: all at once), which bounds the memory of
     the full-resolution cross-entropy gradient without changing any result. ``backend`` is that of
     the fused ``ops.grad_dot``. Returns [B] (or [B, R] for a stacked [R, C, F] reference), float32.
+
+    ``normalize="area"`` (``dii.normalize``, not in the paper) divides each s_k by image k's foreground
+    area (:func:`foreground_area`): the score per unit of foreground, so that a missed small polyp
+    counts as much as a missed large one (the paper's score scales with the polyp's area).
     """
+    if normalize not in ("none", "area"):
+        raise ValueError(f"dii_scores: normalize={normalize!r}; choose none or area")
     if feats.dim() != 4:
         raise ValueError(f"dii_scores: `feats` must be [B, F, h, w], got {tuple(feats.shape)}")
     if logits_low.dim() != 4 or logits_low.shape[0] != feats.shape[0] or logits_low.shape[2:] != feats.shape[2:]:
@@ -141,8 +148,25 @@ def dii_scores(
         f = feats[i : i + step].detach().flatten(2)
         if f.dtype == torch.float64:
             delta = delta.double()
-        out.append(ops.grad_dot(f, delta.flatten(2), ref_weight, ref_bias, backend=backend))
+        sc = ops.grad_dot(f, delta.flatten(2), ref_weight, ref_bias, backend=backend)
+        if normalize == "area":
+            area = foreground_area(logits_low[i : i + step], labels[i : i + step], ignore_index).to(sc)
+            sc = sc / (area.unsqueeze(1) if sc.dim() == 2 else area)
+        out.append(sc)
     return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def foreground_area(logits_low: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """[B] fraction of each image that is foreground, ``max(predicted, annotated)``, at least one pixel.
+
+    Predicted: pixels of ``logits_low`` [B, C, h, w] whose argmax is not class 0; annotated: pixels of
+    ``labels`` [B, H, W] neither 0 nor ``ignore_index``. Each as a fraction of its own map, so the two
+    resolutions compare. The floor (one label pixel) keeps an image with no foreground at all finite.
+    """
+    pred = (logits_low.argmax(1) != 0).flatten(1).float().mean(1)
+    ann = ((labels != 0) & (labels != ignore_index)).flatten(1).float().mean(1)
+    floor = 1.0 / max(1, labels[0].numel()) if labels.shape[0] else 1.0
+    return torch.maximum(pred, ann).clamp_min(floor)
 
 
 # ------------------------------------------------------------------------------------------- gamma
@@ -158,7 +182,10 @@ class GammaState:
     hypergradient divided by its root mean square over the images of the update, so that each gamma
     moves in proportion to its own score. Adam divides each image's step by that image's own score
     history: every gamma moves by about ``lr`` per update whether its score is large (a dropped
-    annotation) or tiny (an annotation the network already agrees with)."""
+    annotation) or tiny (an annotation the network already agrees with). ``median_sgd`` (not in the
+    paper): each gamma moves by ``lr * clip(h_k / median_j |h_j|, -step_clip, step_clip)``, in proportion
+    to its own score against the update's typical one, clipped: scores divided by the foreground area
+    (``dii.normalize=area``) are heavy-tailed, and an RMS (``scaled_sgd``) is set by the few largest."""
 
     def __init__(
         self,
@@ -169,9 +196,13 @@ class GammaState:
         eps: float = 1e-8,
         clip: Sequence[float] = (0.0, 1.0),
         optimizer: str = "adam",
+        step_clip: float = 3.0,
     ):
-        if optimizer not in ("adam", "scaled_sgd"):
-            raise ValueError(f"GammaState: optimizer={optimizer!r}; choose adam or scaled_sgd")
+        if optimizer not in ("adam", "scaled_sgd", "median_sgd"):
+            raise ValueError(f"GammaState: optimizer={optimizer!r}; choose adam, scaled_sgd or median_sgd")
+        if step_clip <= 0:
+            raise ValueError(f"GammaState: step_clip={step_clip} must be positive")
+        self.step_clip = float(step_clip)
         self.optimizer = optimizer
         self.n = int(n_weak)
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
@@ -198,6 +229,14 @@ class GammaState:
         network's schedule factor, as the authors' code decays gamma's rate with the network's)."""
         idx = torch.as_tensor(index).long().cpu()
         g = torch.as_tensor(hypergrad, dtype=torch.float32).cpu()
+        if self.optimizer == "median_sgd":
+            med = float(g.abs().median()) if g.numel() else 0.0
+            if med > 0:
+                x = (g / med).clamp_(-self.step_clip, self.step_clip)
+                self.gamma[idx] = (self.gamma[idx] - self.lr * float(lr_scale) * x).clamp_(*self.clip)
+            self.steps[idx] += 1
+            self.updates += 1
+            return
         if self.optimizer == "scaled_sgd":
             rms = float(g.double().square().mean().sqrt()) if g.numel() else 0.0
             if rms > 0:
@@ -480,10 +519,11 @@ def weak_scores(
     autocast=contextlib.nullcontext,
     num_workers: int = 0,
     logit_shift: torch.Tensor | None = None,
+    normalize: str = "none",
 ) -> torch.Tensor:
     """``s_k = <g_k, g_ref>`` for the dataset items ``indices`` (global list), sharded across
     processes and gathered: returns a CPU float32 tensor aligned with ``indices`` on every process.
-    ``logit_shift`` as in :func:`reference_grad`."""
+    ``logit_shift`` as in :func:`reference_grad`; ``normalize`` as in :func:`dii_scores`."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     n = len(indices)
@@ -499,7 +539,8 @@ def weak_scores(
             x = batch["image"].to(device)
             y = batch["mask"].to(device)
             out = _forward_features(model, x, autocast)
-            s = dii_scores(out.feats, _shifted(out.logits_low, logit_shift), y, W, b, ignore_index)
+            s = dii_scores(out.feats, _shifted(out.logits_low, logit_shift), y, W, b, ignore_index,
+                           normalize=normalize)
             local_scores[k:k + s.shape[0]] = s.float()
             k += s.shape[0]
     if world > 1:
@@ -588,7 +629,7 @@ class DIIUpdater:
             t1 = time.perf_counter()
             scores = weak_scores(model, self.dataset, self.weak_indices[ranks].tolist(), ref, accelerator,
                                  self.cfg.scan_batch_size, self.ignore_index, autocast, self.num_workers,
-                                 logit_shift=shift)
+                                 logit_shift=shift, normalize=getattr(self.cfg, "normalize", "none"))
         finally:
             model.train(was_training)
         return scores, (g_w, g_b, shift, excess), (t1 - t0, time.perf_counter() - t1)

@@ -425,7 +425,8 @@ def setup_run(cfg: Config, config_path: str | None = None) -> Run:
               dict(zip(eval_loaders, prepared[n + 1:])), tracking=tracking)
     if cfg.method.dii:
         d, train_ds = cfg.dii, ds["train"]
-        run.gamma = GammaState(len(train_ds.weak_indices), d.init, d.lr, d.betas, d.eps, d.clip, d.optimizer)
+        run.gamma = GammaState(len(train_ds.weak_indices), d.init, d.lr, d.betas, d.eps, d.clip, d.optimizer,
+                               d.step_clip)
         run.updater = DIIUpdater(run.gamma, ds["scan"], train_ds.strong_indices, train_ds.weak_indices, d, cfg.seed,
                                  run.ignore, cfg.train.batch_size, cfg.data.num_workers)
     if resume_from is not None:

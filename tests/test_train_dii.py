@@ -27,7 +27,8 @@ def _clean_and_inverted(root):
     return np.array(clean)
 
 
-def test_gamma_separates_clean_from_inverted_labels(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["dii.normalize=area", "dii.optimizer=median_sgd", "dii.init=0.5"]], ids=["paper", "area"])
+def test_gamma_separates_clean_from_inverted_labels(tmp_path, extra):
     from hybrid_accel.data import make_synthetic_hybrid
 
     root = tmp_path / "data"
@@ -37,7 +38,7 @@ def test_gamma_separates_clean_from_inverted_labels(tmp_path):
         f"data.root={root}", f"out_dir={tmp_path}", "name=inv", "model.backbone=resnet10t", *SCRATCH,
         "model.decoder_channels=16", "model.aspp_rates=[1,2,3]", "data.image_size=32", "train.batch_size=4",
         "log.tracking=none", "log.progress=false", "eval.every=0", "eval.overlays=0", "method.dcr=false",
-        "train.steps=9", "dii.tau=3", "data.check=false", "optim.lr=0.01",
+        "train.steps=9", "dii.tau=3", "data.check=false", "optim.lr=0.01", *extra,
     ])
     gamma = trainer.train(cfg)["gamma"].numpy()
     assert gamma.shape == (16,)
