@@ -123,18 +123,25 @@ def test_centred_scores_match_explicit_centred_gradients():
     torch.testing.assert_close(s.double(), want, rtol=1e-4, atol=1e-6)
 
 
-def _overpredicting_case():
-    """A network that over-predicts foreground everywhere but ranks polyp pixels higher: feature 0
-    marks the polyp (the left 2 of 8 columns), feature 1 is constant. p(fg) = 0.6 on background, 0.8
-    on the polyp. Image 0 (strong) and 1 (weak, same polyp) are labelled exactly; image 2 is the
-    same image with its foreground dropped (all background)."""
+def _polyp_feature_net(p_polyp, p_background):
+    """Two features, two classes: feature 0 marks polyp pixels, feature 1 is constant; p(fg) is
+    ``p_polyp`` where feature 0 is on and ``p_background`` elsewhere."""
     net = FeatNet(2, 2)
     logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
     with torch.no_grad():
         net.classifier.weight.zero_()
         net.classifier.bias.zero_()
-        net.classifier.weight[1, 0] = logit(0.8) - logit(0.6)
-        net.classifier.weight[1, 1] = logit(0.6)
+        net.classifier.weight[1, 0] = logit(p_polyp) - logit(p_background)
+        net.classifier.weight[1, 1] = logit(p_background)
+    return net
+
+
+def _overpredicting_case():
+    """A network that over-predicts foreground everywhere but ranks polyp pixels higher: feature 0
+    marks the polyp (the left 2 of 8 columns), feature 1 is constant. p(fg) = 0.6 on background, 0.8
+    on the polyp. Image 0 (strong) and 1 (weak, same polyp) are labelled exactly; image 2 is the
+    same image with its foreground dropped (all background)."""
+    net = _polyp_feature_net(p_polyp=0.8, p_background=0.6)
     h = torch.zeros(3, 2, 4, 8)
     h[:, 0, :, :2] = 1.0
     h[:, 1] = 1.0
@@ -534,13 +541,7 @@ def _missed_polyps_case():
     """A network that segments: p(fg) = 0.9 on polyp pixels (feature 0), 0.005 elsewhere. Image 0 (strong)
     is labelled exactly; images 1 and 2 have their polyp dropped (all background): a small polyp of 2
     pixels and a large one of 16, in an 8x8 image."""
-    net = FeatNet(2, 2)
-    logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
-    with torch.no_grad():
-        net.classifier.weight.zero_()
-        net.classifier.bias.zero_()
-        net.classifier.weight[1, 0] = logit(0.9) - logit(0.005)
-        net.classifier.weight[1, 1] = logit(0.005)
+    net = _polyp_feature_net(p_polyp=0.9, p_background=0.005)
     h = torch.zeros(3, 2, 8, 8)
     h[:, 1] = 1.0
     h[0, 0, :4, :2] = 1.0  # strong: an 8-pixel polyp
