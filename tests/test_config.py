@@ -108,7 +108,10 @@ def test_shipped_configs_load_and_validate():
     assert paper.dii.tau == 400 and paper.dii.lr == 0.1 and paper.method.dcr_weight == 4
     assert paper.method.strong_warmup == 0 and paper.dii.init == 0.5 and paper.optim.name == "sgd"
     polyp = load_config(CONFIGS / "polyp.yaml")  # the recommended setting on top of the paper's
-    assert polyp.model.pretrained == "imagenet" and polyp.method.strong_warmup > 0 and polyp.dii.init == 0.3
+    assert polyp.model.pretrained == "imagenet" and polyp.method.strong_warmup > 0 and polyp.dii.init == 0.5
+    assert (polyp.dii.normalize, polyp.dii.optimizer, polyp.dii.lr_schedule) == ("area", "median_sgd", "inv_sqrt")
+    cvc = load_config(CONFIGS / "cvc-clinicdb.yaml")  # the real-data config inherits the recommended DII
+    assert (cvc.dii.normalize, cvc.dii.optimizer, cvc.dii.init) == ("area", "median_sgd", 0.5)
     assert polyp.method.dcr_weight == 4 and polyp.train.steps == paper.train.steps
     assert isinstance(Config(), Config)
 
