@@ -60,6 +60,7 @@ class DataConfig:
     augment: bool = True  # random zoom/rotation/shift, flips, colour jitter on training images
     train_on: str = "hybrid"  # hybrid | strong | weak | full (full: every train image with its exact mask)
     ignore_index: int = 255  # label value that never counts in a loss
+    weak_boundary_band: float = 0.0  # ignore weak masks near each object's outline: this fraction of its equivalent radius on each side (0 = off; for ellipses/boxes)
     mask_mapping: str | None = None  # raw:class pairs overriding dataset.yaml's mapping (e.g. "0:0,255:1")
     num_workers: int = 0  # DataLoader worker processes per training process
     check: bool = True  # validate every manifest row and mask before training (fails naming the file)
@@ -428,6 +429,9 @@ def validate_config(cfg: Config) -> None:
         if v not in choices:
             p.append(f"{key}={v!r}: choose one of {', '.join(map(str, choices))}")
     m, d, t = cfg.method, cfg.dii, cfg.train
+    if not 0 <= cfg.data.weak_boundary_band < 1:
+        p.append(f"data.weak_boundary_band={cfg.data.weak_boundary_band}: a fraction of each object's equivalent "
+                 f"radius in [0, 1) (0 = off; 1 would ignore a round object whole)")
     if d.tau <= 0:
         p.append(f"dii.tau={d.tau}: the gamma update interval must be a positive number of steps")
     if m.lambda_warmup < 0:

@@ -146,10 +146,12 @@ def build_datasets(cfg: Config, root: Path) -> dict[str, Any]:
     common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index, mean=mean, std=std)
     if d.mask_mapping:
         common["mask_mapping"] = d.mask_mapping
+    band = dict(weak_boundary_band=d.weak_boundary_band)  # what the weak masks teach: the loss and the DII scores
     out = {
-        "train": HybridDataset(root, "train", kinds, augment=d.augment, use_true_masks=d.train_on == "full", **common),
+        "train": HybridDataset(root, "train", kinds, augment=d.augment, use_true_masks=d.train_on == "full",
+                               **band, **common),
         # the DII pass: no augmentation, weak images with their own weak masks
-        "scan": HybridDataset(root, "train", kinds, augment=False, **common) if cfg.method.dii else None,
+        "scan": HybridDataset(root, "train", kinds, augment=False, **band, **common) if cfg.method.dii else None,
         # evaluation against exact masks only
         "val": HybridDataset(root, "val", ("strong",), **common),
         "test": HybridDataset(root, "test", ("strong",), **common),
@@ -169,6 +171,12 @@ def check_against_data(cfg: Config, train_ds: Any) -> None:
         p.append(f"method.strong_warmup needs strong images; {where} has none")
     if cfg.method.dii and nw == 0:
         p.append(f"method.dii needs weak images to weigh; {where} has none")
+    if cfg.data.weak_boundary_band > 0 and nw:
+        types = {r.get("weak_type") or "" for r in train_ds.records if r["kind"] == "weak"}
+        if "scribble" in types:
+            p.append(f"data.weak_boundary_band={cfg.data.weak_boundary_band} ignores the outline of each weak object, "
+                     f"which suits region masks (ellipse, box); {where} has scribble weak masks, whose unlabelled "
+                     f"pixels are already ignored: set data.weak_boundary_band=0")
     if n and cfg.train.batch_size > n:
         p.append(f"train.batch_size={cfg.train.batch_size} is larger than the training set ({n} images)")
     if p:

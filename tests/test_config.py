@@ -74,12 +74,27 @@ def test_type_errors():
         ("dii.clip=[1,0]", "dii.clip"),
         ("train.batch_size=0", "train.batch_size"),
         ("data.train_on=strong", "method.dii needs strong and weak"),
+        ("data.weak_boundary_band=1", "data.weak_boundary_band"),
+        ("data.weak_boundary_band=-0.2", "data.weak_boundary_band"),
     ],
 )
 def test_validation(override, message):
     cfg = load_config(None, [override])
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate_config(cfg)
+
+
+def test_boundary_band_refuses_scribbles(tmp_path):
+    from hybrid_accel.data import make_synthetic_hybrid
+    from hybrid_accel.train import build_datasets, check_against_data
+
+    root = make_synthetic_hybrid(tmp_path / "d", n_train=8, n_val=2, n_test=2, size=32, strong_count=2, seed=0,
+                                 weak="scribble", workers=1)
+    cfg = load_config(None, ["data.weak_boundary_band=0.3", "train.batch_size=2"])
+    with pytest.raises(ConfigError, match="scribble weak masks.*data.weak_boundary_band=0"):
+        check_against_data(cfg, build_datasets(cfg, root)["train"])
+    cfg = load_config(None, ["data.weak_boundary_band=0", "train.batch_size=2"])
+    check_against_data(cfg, build_datasets(cfg, root)["train"])
 
 
 def test_sampling_without_dii_is_an_error():

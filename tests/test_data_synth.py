@@ -209,3 +209,55 @@ def test_faint_share_changes_only_the_polyps_contrast():
     with pytest.raises(ValueError, match="faint"):
         synthetic_sample("polyp", 0, 0, (16, 16), faint=1.5)
     assert polyp_sample(np.random.default_rng(0), (16, 16))[0].shape == (16, 16, 3)
+
+
+def test_boundary_band_ignores_the_outline_of_each_object():
+    from hybrid_accel.data.weak import ignore_boundary_band
+
+    yy, xx = np.mgrid[:64, :80]
+    big = (yy - 30) ** 2 + (xx - 25) ** 2 <= 15**2  # radius 15: band of round(0.2 * 15) = 3 px each side
+    small = (yy - 30) ** 2 + (xx - 65) ** 2 <= 5**2  # radius 5: band of 1 px
+    m = np.zeros((64, 80), np.int64)
+    m[big], m[small] = 1, 2
+    m[0, :3] = 255
+    out = ignore_boundary_band(m, 0.2)
+    r = np.hypot(yy - 30, xx - 25)
+    assert out is not m and m[30, 25] == 1  # the input is left alone
+    assert (out[r <= 11] == 1).all() and (out[(r >= 13) & (r <= 17)] == 255).all()
+    assert (out[(r >= 19) & (xx < 50)] == 0).sum() == ((r >= 19) & (xx < 50)).sum() - 3  # but the ignored corner
+    rs = np.hypot(yy - 30, xx - 65)
+    assert (out[rs <= 3] == 2).all() and (out[(rs >= 4.5) & (rs <= 5.5)] == 255).all() and (out[rs >= 7] != 2).all()
+    assert (out[0, :3] == 255).all()
+    # scale-free: the ignored share of a disc does not depend on its size
+    share = []
+    for R in (10, 20, 40):
+        yy, xx = np.mgrid[: 4 * R, : 4 * R]
+        d = ((yy - 2 * R) ** 2 + (xx - 2 * R) ** 2 <= R**2).astype(np.int64)
+        share.append((ignore_boundary_band(d, 0.3)[d == 1] == 255).mean())
+    assert max(share) - min(share) < 0.06 and 0.4 < share[0] < 0.6  # 1 - 0.7^2 = 0.51 of the disc
+    # a dropped annotation (no foreground) and width 0 come back unchanged
+    empty = np.zeros((16, 16), np.int64)
+    assert np.array_equal(ignore_boundary_band(empty, 0.3), empty)
+    assert ignore_boundary_band(m, 0.0) is m
+    with pytest.raises(ValueError, match="width"):
+        ignore_boundary_band(m, -0.1)
+
+
+def test_dataset_bands_only_weak_masks(tmp_path):
+    path = make_synthetic_hybrid(tmp_path, n_train=10, n_val=0, n_test=0, size=48, strong_count=3, seed=0,
+                                 drop_fraction=0.3, workers=1)
+    plain = HybridDataset(path, augment=False)
+    band = HybridDataset(path, augment=False, weak_boundary_band=0.3)
+    truth = HybridDataset(path, augment=False, weak_boundary_band=0.3, use_true_masks=True)
+    changed = 0
+    for i in range(len(plain)):
+        a, b = plain[i]["mask"].numpy(), band[i]["mask"].numpy()
+        if plain.kinds[i] == 0 or not (a == 1).any():  # strong, or a dropped weak mask: untouched
+            assert np.array_equal(a, b)
+        else:
+            assert ((b == a) | (b == 255)).all() and (b == 1).any() and (b == 255).sum() > (a == 255).sum()
+            changed += 1
+        assert np.array_equal(truth[i]["mask"].numpy(), HybridDataset(path, augment=False, use_true_masks=True)[i]["mask"].numpy())
+    assert changed >= 3
+    with pytest.raises(ValueError, match="weak_boundary_band"):
+        HybridDataset(path, weak_boundary_band=-1)

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from .errors import DatasetError
 from .manifest import KINDS, SPLITS, load_manifest, parse_mask_mapping, read_image, read_mask
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, transform_pair
+from .weak import ignore_boundary_band
 
 KIND_STRONG, KIND_WEAK = 0, 1
 
@@ -41,6 +42,10 @@ class HybridDataset(Dataset):
         num_classes: overrides ``dataset.yaml``'s (needed only when there is none).
         mean, std: per-channel input normalisation on [0, 1] values, the network's
             (``hybrid_accel.model.input_norm``); ImageNet's when not given.
+        weak_boundary_band: when > 0, every weak mask (not a true mask loaded by ``use_true_masks``)
+            comes with a band around each object's outline set to ``ignore_index``, of this fraction
+            of the object's equivalent radius on each side, drawn after resizing and augmentation
+            (:func:`hybrid_accel.data.weak.ignore_boundary_band`).
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class HybridDataset(Dataset):
         num_classes: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        weak_boundary_band: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -78,6 +84,9 @@ class HybridDataset(Dataset):
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.augment = AugmentConfig() if augment is True else (augment or None)
         self.use_true_masks = use_true_masks
+        if not (weak_boundary_band >= 0):
+            raise ValueError(f"weak_boundary_band must be >= 0, got {weak_boundary_band}")
+        self.weak_boundary_band = float(weak_boundary_band)
         # the network's input normalisation (hybrid_accel.model.input_norm); ImageNet's by default
         self.mean = np.asarray(IMAGENET_MEAN if mean is None else mean, dtype=np.float32)
         self.std = np.asarray(IMAGENET_STD if std is None else std, dtype=np.float32)
@@ -135,6 +144,9 @@ class HybridDataset(Dataset):
                                        self.mean, self.std)
         if self.disk_ignore_index != self.ignore_index:
             mask_t[mask_t == self.disk_ignore_index] = self.ignore_index
+        if self.weak_boundary_band > 0 and self.kinds[index] == KIND_WEAK and not self.use_true_masks:
+            banded = ignore_boundary_band(mask_t.numpy(), self.weak_boundary_band, self.ignore_index)
+            mask_t = torch.from_numpy(banded)
         return {
             "image": img_t,
             "mask": mask_t,

@@ -328,3 +328,34 @@ def weak_quality(weak: np.ndarray, exact: np.ndarray, ignore_index: int = 255) -
         ious.append(inter / (sa + sb - inter))
         dices.append(2 * inter / (sa + sb))
     return float(np.mean(ious)), float(np.mean(dices))
+
+
+def ignore_boundary_band(mask: np.ndarray, width: float, ignore_index: int = 255) -> np.ndarray:
+    """``mask`` with a band around every foreground object's outline set to ``ignore_index``.
+
+    For region-shaped weak masks (ellipses, boxes) whose outline is where they are wrong: on the
+    simulated ellipses of hybrid CVC-ClinicDB a band of 0.3 (below) holds 84% of the wrongly labelled
+    pixels and 8% of the rightly labelled ones (benchmarks/RESULTS.md, section 5). The band of an
+    object with ``A`` pixels spans ``max(1, round(width * sqrt(A / pi)))`` pixels (Euclidean) on each
+    side of its outline: a fraction ``width`` of the radius of the disc of the same area, so that it
+    scales with the object. Pixels already ``ignore_index`` stay so; a mask without foreground comes
+    back unchanged (a dropped annotation keeps saying "no object"). ``width`` 0 returns ``mask``.
+    """
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    if width == 0:
+        return mask
+    out = mask.copy()
+    H, W = mask.shape
+    for _, obj in objects(mask, ignore_index):
+        area = int(obj.sum())
+        k = max(1, int(round(width * math.sqrt(area / math.pi))))
+        ys, xs = np.nonzero(obj)  # work in the object's box grown by k (plus one for the outline)
+        y0, y1 = max(0, ys.min() - k - 1), min(H, ys.max() + k + 2)
+        x0, x1 = max(0, xs.min() - k - 1), min(W, xs.max() + k + 2)
+        o = obj[y0:y1, x0:x1]
+        # distance_transform_edt(a): each nonzero pixel's distance to the nearest zero pixel
+        inner = o & (ndimage.distance_transform_edt(o) <= k)
+        outer = ~o & (ndimage.distance_transform_edt(~o) <= k)
+        out[y0:y1, x0:x1][inner | outer] = ignore_index
+    return out
