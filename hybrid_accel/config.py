@@ -111,6 +111,7 @@ class MethodConfig:
     pseudo_loss: str = "ce"  # DCR regularisation: ce on hard pseudo labels | kl on soft predictions
     dcr_weight: float = 4.0  # weight of the DCR regularisation term (the paper's lambda: 4); old key: lambda_
     lambda_warmup: int = 50  # ramp lambda (dcr_weight) linearly from 0 over this many steps after strong_warmup (paper: none, 0)
+    band_fill: str = "ignore"  # the band of data.weak_boundary_band: ignore | peer (with DCR each network learns the other's prediction there; without DCR: ignored)
     dcr_supervision: str = "both"  # both: each net learns x_i and x_j (authors' code) | split: net 1 learns x_i, net 2 x_j (Eq. 7)
     strong_warmup: int = 150  # first steps on exact masks only (no weak image, no DCR term, no gamma update); paper: 0
 
@@ -410,6 +411,7 @@ _CHOICES = {
     "dii.optimizer": ("adam", "scaled_sgd", "median_sgd"),
     "dii.normalize": ("none", "area"),
     "method.dcr_supervision": ("split", "both"),
+    "method.band_fill": ("ignore", "peer"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
     "eval.test_on": ("best", "last"),
     "log.tracking": ("wandb", "none"),

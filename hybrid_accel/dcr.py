@@ -183,15 +183,27 @@ def dcr_loss(
     pseudo_loss: str = "ce",
     ignore_index: int = 255,
     supervision: str = "split",
+    band_i: torch.Tensor | None = None,
+    band_j: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DCR loss from both networks' logits over ``cat[x_i, x_j, x_m]`` ([3B, C, H, W] each).
 
-    Returns the scalar loss and detached parts for logging.
+    ``band_i``/``band_j`` (bool [B, H, W], optional): pixels of the labels whose class is left to the
+    other network (``method.band_fill=peer``): there each network's supervised target is the other
+    network's hard prediction on the same image (detached), elsewhere the label. Returns the scalar loss
+    and detached parts for logging.
     """
     B = y_i.shape[0]
     o1_i, o1_j, o1_m = out1.split(B)
     o2_i, o2_j, o2_m = out2.split(B)
-    sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
+    if band_i is not None or band_j is not None:
+        # network 1 is taught network 2's answer in the band and the reverse (separate targets per network)
+        y1 = (peer_fill(y_i, band_i, o2_i), peer_fill(y_j, band_j, o2_j))
+        y2 = (peer_fill(y_i, band_i, o1_i), peer_fill(y_j, band_j, o1_j))
+        sup1 = _supervised(o1_i, o1_j, o2_i, o2_j, *y1, w_i, w_j, supervision, ignore_index)[0]
+        sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, *y2, w_i, w_j, supervision, ignore_index)[1]
+    else:
+        sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
     w_i = w_i.to(sup1)
     w_j = w_j.to(sup1)
     if pseudo_loss == "ce":
@@ -209,6 +221,14 @@ def dcr_loss(
     parts = {"loss/sup1": sup1.detach(), "loss/sup2": sup2.detach(), "loss/reg": reg.detach(),
              "loss/total": loss.detach()}
     return loss, parts
+
+
+@torch.no_grad()
+def peer_fill(y: torch.Tensor, band: torch.Tensor | None, peer_logits: torch.Tensor) -> torch.Tensor:
+    """``y`` with the pixels of ``band`` set to the class the peer network predicts there."""
+    if band is None or not bool(band.any()):
+        return y
+    return torch.where(band, peer_logits.detach().argmax(1).to(y.dtype), y)
 
 
 def _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision: str, ignore_index: int):

@@ -580,8 +580,11 @@ def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int)
     out1, out2 = dcr_forward(run.nets[0], run.nets[1], x_i, x_j, mix)
     ramp = m.lambda_warmup
     lam = m.dcr_weight * (min(1.0, (step - m.strong_warmup) / ramp) if ramp else 1.0)
+    bands = {}
+    if m.band_fill == "peer":
+        bands = {"band_i": bp["band"].to(dev, non_blocking=True), "band_j": ba["band"].to(dev, non_blocking=True)}
     return dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam, m.paste, m.pseudo_loss, run.ignore,
-                    m.dcr_supervision)
+                    m.dcr_supervision, **bands)
 
 
 def optimizer_step(run: Run, loss: torch.Tensor, micro: int) -> None:

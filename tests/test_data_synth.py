@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from hybrid_accel.data import (
     HybridDataset,
@@ -261,3 +262,17 @@ def test_dataset_bands_only_weak_masks(tmp_path):
     assert changed >= 3
     with pytest.raises(ValueError, match="weak_boundary_band"):
         HybridDataset(path, weak_boundary_band=-1)
+
+
+def test_dataset_reports_the_band(tmp_path):
+    path = make_synthetic_hybrid(tmp_path, n_train=8, n_val=0, n_test=0, size=40, strong_count=2, seed=1,
+                                 drop_fraction=0.3, workers=1)
+    plain = HybridDataset(path, augment=False)
+    band = HybridDataset(path, augment=False, weak_boundary_band=0.2)
+    assert "band" not in plain[0]
+    for i in range(len(band)):
+        it, raw = band[i], plain[i]["mask"]
+        assert it["band"].dtype == torch.bool and it["band"].shape == raw.shape
+        assert torch.equal(it["band"], (it["mask"] == 255) & (raw != 255))
+        if band.kinds[i] == 0:
+            assert not it["band"].any()

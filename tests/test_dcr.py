@@ -221,3 +221,44 @@ def test_cutmix_paste_box():
     assert torch.equal(mask, cutmix_mask(6, 40, 50, (0.25, 0.5), _gen(0)))
     assert torch.equal(y1, torch.where(mask, preds[0].argmax(1), preds[1].argmax(1)))
     assert torch.equal(y2, torch.where(mask, preds[2].argmax(1), preds[3].argmax(1)))
+
+
+def test_peer_fill_teaches_each_network_the_others_answer_in_the_band():
+    # method.band_fill=peer: in the band of a weak mask network 1's target is network 2's prediction
+    # and the reverse; outside it the label; the regularisation term is unchanged
+    from hybrid_accel.dcr import peer_fill
+
+    C, B = 3, 4
+    x_i, x_j, y_i, y_j = _batch(B=B, C=C, seed=7)
+    mix = make_mix(x_i, x_j, y_i, C, "foreground", generator=torch.Generator().manual_seed(1))
+    out1 = torch.randn(3 * B, C, 8, 8)
+    out2 = torch.randn(3 * B, C, 8, 8)
+    w_i, w_j = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([0.25, 1.0, 1.0, 0.75])
+    g = torch.Generator().manual_seed(2)
+    band_i, band_j = torch.rand(B, 8, 8, generator=g) < 0.3, torch.rand(B, 8, 8, generator=g) < 0.3
+    band_i[0] = False  # an image without a band (a strong one) keeps its label
+    o1_i, o1_j, _ = out1.split(B)
+    o2_i, o2_j, _ = out2.split(B)
+    t = peer_fill(y_i, band_i, o2_i)
+    assert torch.equal(t[band_i], o2_i.argmax(1)[band_i]) and torch.equal(t[~band_i], y_i[~band_i])
+    assert peer_fill(y_i, None, o2_i) is y_i and peer_fill(y_i, torch.zeros_like(band_i), o2_i) is y_i
+    for sup in ("split", "both"):
+        loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup,
+                               band_i=band_i, band_j=band_j)
+        plain, plain_parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup)
+        y1i, y1j = peer_fill(y_i, band_i, o2_i), peer_fill(y_j, band_j, o2_j)
+        y2i, y2j = peer_fill(y_i, band_i, o1_i), peer_fill(y_j, band_j, o1_j)
+        if sup == "split":
+            sup1 = (w_i * per_instance_ce(o1_i, y1i)).mean()
+            sup2 = (w_j * per_instance_ce(o2_j, y2j)).mean()
+        else:
+            sup1 = ((w_i * per_instance_ce(o1_i, y1i)).sum() + (w_j * per_instance_ce(o1_j, y1j)).sum()) / (2 * B)
+            sup2 = ((w_i * per_instance_ce(o2_i, y2i)).sum() + (w_j * per_instance_ce(o2_j, y2j)).sum()) / (2 * B)
+        torch.testing.assert_close(parts["loss/sup1"], sup1)
+        torch.testing.assert_close(parts["loss/sup2"], sup2)
+        assert not torch.allclose(parts["loss/sup1"], plain_parts["loss/sup1"])
+        torch.testing.assert_close(parts["loss/reg"], plain_parts["loss/reg"])
+        # no band anywhere: the plain loss
+        same, _ = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup,
+                           band_i=torch.zeros_like(band_i), band_j=torch.zeros_like(band_j))
+        torch.testing.assert_close(same, plain)

@@ -114,6 +114,22 @@ def test_baseline_single_network_and_ablation_switches(tiny_data, tmp_path):
     assert r["step"] == 1
 
 
+def test_boundary_band_and_peer_fill_train(tiny_data, tmp_path):
+    # data.weak_boundary_band with method.band_fill=ignore / peer: the same run but for the band's targets
+    common = ["method.strong_warmup=0", "method.lambda_warmup=0", "train.steps=3", "eval.every=0", "checkpoint.every=0",
+              "data.weak_boundary_band=0.3", "dii.tau=1"]
+    runs = {}
+    for fill in ("ignore", "peer"):
+        r = trainer.train(_cfg(tiny_data, tmp_path, f"name={fill}", f"method.band_fill={fill}", *common))
+        assert r["step"] == 3 and r["gamma"] is not None
+        runs[fill] = _weights(tmp_path / fill)
+    a, b = runs["ignore"]["primary"], runs["peer"]["primary"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # one network: peer has no peer, the band is ignored
+    r = trainer.train(_cfg(tiny_data, tmp_path, "name=one", "method.band_fill=peer", "method.dcr=false", *common))
+    assert r["step"] == 3
+
+
 def test_dump_records_samples(tiny_data, tmp_path):
     r = trainer.train(_cfg(tiny_data, tmp_path, "train.steps=2", "dii.tau=1", "eval.every=0", "debug.dump=true"))
     dump = json.loads((tmp_path / "t" / "debug" / "rank0.json").read_text())

@@ -45,7 +45,8 @@ class HybridDataset(Dataset):
         weak_boundary_band: when > 0, every weak mask (not a true mask loaded by ``use_true_masks``)
             comes with a band around each object's outline set to ``ignore_index``, of this fraction
             of the object's equivalent radius on each side, drawn after resizing and augmentation
-            (:func:`hybrid_accel.data.weak.ignore_boundary_band`).
+            (:func:`hybrid_accel.data.weak.ignore_boundary_band`); items then also carry ``band``, bool
+            [H, W], the pixels the band took (all False for strong and dropped masks).
     """
 
     def __init__(
@@ -144,9 +145,14 @@ class HybridDataset(Dataset):
                                        self.mean, self.std)
         if self.disk_ignore_index != self.ignore_index:
             mask_t[mask_t == self.disk_ignore_index] = self.ignore_index
-        if self.weak_boundary_band > 0 and self.kinds[index] == KIND_WEAK and not self.use_true_masks:
-            banded = ignore_boundary_band(mask_t.numpy(), self.weak_boundary_band, self.ignore_index)
-            mask_t = torch.from_numpy(banded)
+        item = {}
+        if self.weak_boundary_band > 0:
+            banded = mask_t
+            if self.kinds[index] == KIND_WEAK and not self.use_true_masks:
+                banded = torch.from_numpy(ignore_boundary_band(mask_t.numpy(), self.weak_boundary_band,
+                                                               self.ignore_index))
+            item["band"] = (banded == self.ignore_index) & (mask_t != self.ignore_index)  # what the band took
+            mask_t = banded
         return {
             "image": img_t,
             "mask": mask_t,
@@ -154,6 +160,7 @@ class HybridDataset(Dataset):
             "kind": int(self.kinds[index]),
             "weak_index": int(self._weak_rank[index]),
             "quality": float(self.quality[index]),
+            **item,
         }
 
     def __repr__(self) -> str:
