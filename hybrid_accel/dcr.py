@@ -185,23 +185,30 @@ def dcr_loss(
     supervision: str = "split",
     band_i: torch.Tensor | None = None,
     band_j: torch.Tensor | None = None,
+    band_fill: str = "peer",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DCR loss from both networks' logits over ``cat[x_i, x_j, x_m]`` ([3B, C, H, W] each).
 
-    ``band_i``/``band_j`` (bool [B, H, W], optional): pixels of the labels whose class is left to the
-    other network (``method.band_fill=peer``): there each network's supervised target is the other
-    network's hard prediction on the same image (detached), elsewhere the label. Returns the scalar loss
-    and detached parts for logging.
+    ``band_i``/``band_j`` (bool [B, H, W], optional): pixels where the labels are unsure
+    (``data.weak_boundary_band``). With ``band_fill="peer"`` each network's supervised target there is
+    the other network's hard prediction on the same image (detached); with ``"ignore"`` there is none.
+    The paste and the pseudo labels use the whole labels. Returns the scalar loss and detached parts
+    for logging.
     """
     B = y_i.shape[0]
     o1_i, o1_j, o1_m = out1.split(B)
     o2_i, o2_j, o2_m = out2.split(B)
-    if band_i is not None or band_j is not None:
+    if (band_i is not None or band_j is not None) and band_fill == "peer":
         # network 1 is taught network 2's answer in the band and the reverse (separate targets per network)
         y1 = (peer_fill(y_i, band_i, o2_i), peer_fill(y_j, band_j, o2_j))
         y2 = (peer_fill(y_i, band_i, o1_i), peer_fill(y_j, band_j, o1_j))
         sup1 = _supervised(o1_i, o1_j, o2_i, o2_j, *y1, w_i, w_j, supervision, ignore_index)[0]
         sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, *y2, w_i, w_j, supervision, ignore_index)[1]
+    elif band_i is not None or band_j is not None:
+        if band_fill != "ignore":
+            raise ValueError(f"band_fill must be ignore or peer, got {band_fill!r}")
+        ys = [y if b is None else y.masked_fill(b, ignore_index) for y, b in ((y_i, band_i), (y_j, band_j))]
+        sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, *ys, w_i, w_j, supervision, ignore_index)
     else:
         sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
     w_i = w_i.to(sup1)

@@ -146,12 +146,13 @@ def build_datasets(cfg: Config, root: Path) -> dict[str, Any]:
     common = dict(image_size=tuple(d.image_size), ignore_index=d.ignore_index, mean=mean, std=std)
     if d.mask_mapping:
         common["mask_mapping"] = d.mask_mapping
-    band = dict(weak_boundary_band=d.weak_boundary_band)  # what the weak masks teach: the loss and the DII scores
     out = {
+        # data.weak_boundary_band: items carry the band, applied to the supervised targets only (the DII
+        # scores and the DCR paste see whole masks: banded DII scores ranked worse, RESULTS section 5)
         "train": HybridDataset(root, "train", kinds, augment=d.augment, use_true_masks=d.train_on == "full",
-                               **band, **common),
+                               weak_boundary_band=d.weak_boundary_band, **common),
         # the DII pass: no augmentation, weak images with their own weak masks
-        "scan": HybridDataset(root, "train", kinds, augment=False, **band, **common) if cfg.method.dii else None,
+        "scan": HybridDataset(root, "train", kinds, augment=False, **common) if cfg.method.dii else None,
         # evaluation against exact masks only
         "val": HybridDataset(root, "val", ("strong",), **common),
         "test": HybridDataset(root, "test", ("strong",), **common),
@@ -561,8 +562,15 @@ def train_loop(run: Run) -> bool:
 def train_step_single(run: Run, bp: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One network on the primary batch: (weighted) cross-entropy; returns (loss, logged parts)."""
     x = bp["image"].to(run.device, non_blocking=True)
-    y = bp["mask"].to(run.device, non_blocking=True)
+    y = band_ignored(bp["mask"].to(run.device, non_blocking=True), bp, run.ignore)
     return single_loss(run.nets[0](x), y, run.loss_weights(bp), run.ignore)
+
+
+def band_ignored(y: torch.Tensor, batch: dict[str, Any], ignore: int) -> torch.Tensor:
+    """``y`` with the batch's ``band`` (data.weak_boundary_band) set to the ignore value."""
+    if "band" not in batch:
+        return y
+    return y.masked_fill(batch["band"].to(y.device, non_blocking=True), ignore)
 
 
 def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict]:
@@ -574,15 +582,17 @@ def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int)
     x_j, y_j = ba["image"].to(dev, non_blocking=True), ba["mask"].to(dev, non_blocking=True)
     w_i, w_j = run.loss_weights(bp), run.loss_weights(ba)
     if step < m.strong_warmup:
-        return warmup_loss(run.nets[0], run.nets[1], x_i, x_j, y_i, y_j, w_i, w_j, m.dcr_supervision, run.ignore)
-    mix = make_mix(x_i, x_j, y_i, run.num_classes, m.paste, run.ignore,
+        return warmup_loss(run.nets[0], run.nets[1], x_i, x_j, band_ignored(y_i, bp, run.ignore),
+                           band_ignored(y_j, ba, run.ignore), w_i, w_j, m.dcr_supervision, run.ignore)
+    mix = make_mix(x_i, x_j, y_i, run.num_classes, m.paste, run.ignore,  # pastes the whole weak object
                    make_generator(cfg.seed, "paste", run.rank, step, micro))
     out1, out2 = dcr_forward(run.nets[0], run.nets[1], x_i, x_j, mix)
     ramp = m.lambda_warmup
     lam = m.dcr_weight * (min(1.0, (step - m.strong_warmup) / ramp) if ramp else 1.0)
     bands = {}
-    if m.band_fill == "peer":
-        bands = {"band_i": bp["band"].to(dev, non_blocking=True), "band_j": ba["band"].to(dev, non_blocking=True)}
+    if "band" in bp:  # data.weak_boundary_band: ignored, or taught by the other network (method.band_fill)
+        bands = {"band_i": bp["band"].to(dev, non_blocking=True), "band_j": ba["band"].to(dev, non_blocking=True),
+                 "band_fill": m.band_fill}
     return dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, lam, m.paste, m.pseudo_loss, run.ignore,
                     m.dcr_supervision, **bands)
 

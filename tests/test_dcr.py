@@ -258,6 +258,14 @@ def test_peer_fill_teaches_each_network_the_others_answer_in_the_band():
         torch.testing.assert_close(parts["loss/sup2"], sup2)
         assert not torch.allclose(parts["loss/sup1"], plain_parts["loss/sup1"])
         torch.testing.assert_close(parts["loss/reg"], plain_parts["loss/reg"])
+        # band_fill=ignore: the band is left out of both networks' targets
+        _, ign = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup, band_i=band_i,
+                          band_j=band_j, band_fill="ignore")
+        yi0, yj0 = y_i.masked_fill(band_i, 255), y_j.masked_fill(band_j, 255)
+        _, want = dcr_loss(out1, out2, yi0, yj0, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup)
+        torch.testing.assert_close(ign["loss/sup1"], want["loss/sup1"])
+        torch.testing.assert_close(ign["loss/sup2"], want["loss/sup2"])
+        torch.testing.assert_close(ign["loss/reg"], plain_parts["loss/reg"])  # pseudo labels from whole labels
         # no band anywhere: the plain loss
         same, _ = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup,
                            band_i=torch.zeros_like(band_i), band_j=torch.zeros_like(band_j))

@@ -42,11 +42,11 @@ class HybridDataset(Dataset):
         num_classes: overrides ``dataset.yaml``'s (needed only when there is none).
         mean, std: per-channel input normalisation on [0, 1] values, the network's
             (``hybrid_accel.model.input_norm``); ImageNet's when not given.
-        weak_boundary_band: when > 0, every weak mask (not a true mask loaded by ``use_true_masks``)
-            comes with a band around each object's outline set to ``ignore_index``, of this fraction
-            of the object's equivalent radius on each side, drawn after resizing and augmentation
-            (:func:`hybrid_accel.data.weak.ignore_boundary_band`); items then also carry ``band``, bool
-            [H, W], the pixels the band took (all False for strong and dropped masks).
+        weak_boundary_band: when > 0, items also carry ``band``, bool [H, W]: for a weak mask (not a
+            true mask loaded by ``use_true_masks``) the pixels within this fraction of each object's
+            equivalent radius of its outline, on either side, drawn after resizing and augmentation
+            (:func:`hybrid_accel.data.weak.ignore_boundary_band`); all False for strong and dropped
+            masks. ``mask`` itself is unchanged: the trainer decides what the band teaches.
     """
 
     def __init__(
@@ -146,13 +146,12 @@ class HybridDataset(Dataset):
         if self.disk_ignore_index != self.ignore_index:
             mask_t[mask_t == self.disk_ignore_index] = self.ignore_index
         item = {}
-        if self.weak_boundary_band > 0:
-            banded = mask_t
+        if self.weak_boundary_band > 0:  # the band goes with the mask, which stays whole (the trainer applies it)
+            band = torch.zeros(mask_t.shape, dtype=torch.bool)
             if self.kinds[index] == KIND_WEAK and not self.use_true_masks:
-                banded = torch.from_numpy(ignore_boundary_band(mask_t.numpy(), self.weak_boundary_band,
-                                                               self.ignore_index))
-            item["band"] = (banded == self.ignore_index) & (mask_t != self.ignore_index)  # what the band took
-            mask_t = banded
+                banded = ignore_boundary_band(mask_t.numpy(), self.weak_boundary_band, self.ignore_index)
+                band = torch.from_numpy(banded == self.ignore_index) & (mask_t != self.ignore_index)
+            item["band"] = band
         return {
             "image": img_t,
             "mask": mask_t,
