@@ -60,7 +60,7 @@ class DataConfig:
     augment: bool = True  # random zoom/rotation/shift, flips, colour jitter on training images
     train_on: str = "hybrid"  # hybrid | strong | weak | full (full: every train image with its exact mask)
     ignore_index: int = 255  # label value that never counts in a loss
-    weak_boundary_band: float = 0.0  # ignore weak masks near each object's outline: this fraction of its equivalent radius on each side (0 = off; for ellipses/boxes)
+    weak_boundary_band: float = 0.0  # a band around each weak object's outline, this fraction of its equivalent radius on each side, taught as method.band_fill says (0 = off; for ellipses/boxes)
     mask_mapping: str | None = None  # raw:class pairs overriding dataset.yaml's mapping (e.g. "0:0,255:1")
     num_workers: int = 0  # DataLoader worker processes per training process
     check: bool = True  # validate every manifest row and mask before training (fails naming the file)

@@ -185,7 +185,7 @@ def dcr_loss(
     supervision: str = "split",
     band_i: torch.Tensor | None = None,
     band_j: torch.Tensor | None = None,
-    band_fill: str = "peer",
+    band_fill: str = "ignore",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DCR loss from both networks' logits over ``cat[x_i, x_j, x_m]`` ([3B, C, H, W] each).
 

@@ -244,7 +244,7 @@ def test_peer_fill_teaches_each_network_the_others_answer_in_the_band():
     assert peer_fill(y_i, None, o2_i) is y_i and peer_fill(y_i, torch.zeros_like(band_i), o2_i) is y_i
     for sup in ("split", "both"):
         loss, parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup,
-                               band_i=band_i, band_j=band_j)
+                               band_i=band_i, band_j=band_j, band_fill="peer")
         plain, plain_parts = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup)
         y1i, y1j = peer_fill(y_i, band_i, o2_i), peer_fill(y_j, band_j, o2_j)
         y2i, y2j = peer_fill(y_i, band_i, o1_i), peer_fill(y_j, band_j, o1_j)
@@ -268,5 +268,5 @@ def test_peer_fill_teaches_each_network_the_others_answer_in_the_band():
         torch.testing.assert_close(ign["loss/reg"], plain_parts["loss/reg"])  # pseudo labels from whole labels
         # no band anywhere: the plain loss
         same, _ = dcr_loss(out1, out2, y_i, y_j, w_i, w_j, mix, x_i, x_j, 2.0, supervision=sup,
-                           band_i=torch.zeros_like(band_i), band_j=torch.zeros_like(band_j))
+                           band_i=torch.zeros_like(band_i), band_j=torch.zeros_like(band_j), band_fill="peer")
         torch.testing.assert_close(same, plain)
