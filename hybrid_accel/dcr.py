@@ -207,7 +207,7 @@ def dcr_loss(
     elif band_i is not None or band_j is not None:
         if band_fill != "ignore":
             raise ValueError(f"band_fill must be ignore or peer, got {band_fill!r}")
-        ys = [y if b is None else y.masked_fill(b, ignore_index) for y, b in ((y_i, band_i), (y_j, band_j))]
+        ys = (band_ignored(y_i, band_i, ignore_index), band_ignored(y_j, band_j, ignore_index))
         sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, *ys, w_i, w_j, supervision, ignore_index)
     else:
         sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
@@ -228,6 +228,11 @@ def dcr_loss(
     parts = {"loss/sup1": sup1.detach(), "loss/sup2": sup2.detach(), "loss/reg": reg.detach(),
              "loss/total": loss.detach()}
     return loss, parts
+
+
+def band_ignored(y: torch.Tensor, band: torch.Tensor | None, ignore_index: int = 255) -> torch.Tensor:
+    """``y`` with the pixels of ``band`` set to ``ignore_index`` (no band: ``y`` itself)."""
+    return y if band is None else y.masked_fill(band.to(y.device, non_blocking=True), ignore_index)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, validate_config
 from .data import KIND_STRONG
-from .dcr import dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
+from .dcr import band_ignored, dcr_forward, dcr_loss, make_mix, single_loss, warmup_loss
 from .dii import DIIUpdater, GammaState, append_gamma_history, describe_update, due, gamma_quality, write_gamma_csv
 from .sampling import KeyedDataset, StepSampler, derive_seed, hybrid_weights, make_generator, make_step_loader
 
@@ -562,15 +562,8 @@ def train_loop(run: Run) -> bool:
 def train_step_single(run: Run, bp: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One network on the primary batch: (weighted) cross-entropy; returns (loss, logged parts)."""
     x = bp["image"].to(run.device, non_blocking=True)
-    y = band_ignored(bp["mask"].to(run.device, non_blocking=True), bp, run.ignore)
+    y = band_ignored(bp["mask"].to(run.device, non_blocking=True), bp.get("band"), run.ignore)
     return single_loss(run.nets[0](x), y, run.loss_weights(bp), run.ignore)
-
-
-def band_ignored(y: torch.Tensor, batch: dict[str, Any], ignore: int) -> torch.Tensor:
-    """``y`` with the batch's ``band`` (data.weak_boundary_band) set to the ignore value."""
-    if "band" not in batch:
-        return y
-    return y.masked_fill(batch["band"].to(y.device, non_blocking=True), ignore)
 
 
 def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict]:
@@ -582,8 +575,8 @@ def train_step_dcr(run: Run, bp: dict[str, Any], ba: dict[str, Any], micro: int)
     x_j, y_j = ba["image"].to(dev, non_blocking=True), ba["mask"].to(dev, non_blocking=True)
     w_i, w_j = run.loss_weights(bp), run.loss_weights(ba)
     if step < m.strong_warmup:
-        return warmup_loss(run.nets[0], run.nets[1], x_i, x_j, band_ignored(y_i, bp, run.ignore),
-                           band_ignored(y_j, ba, run.ignore), w_i, w_j, m.dcr_supervision, run.ignore)
+        return warmup_loss(run.nets[0], run.nets[1], x_i, x_j, band_ignored(y_i, bp.get("band"), run.ignore),
+                           band_ignored(y_j, ba.get("band"), run.ignore), w_i, w_j, m.dcr_supervision, run.ignore)
     mix = make_mix(x_i, x_j, y_i, run.num_classes, m.paste, run.ignore,  # pastes the whole weak object
                    make_generator(cfg.seed, "paste", run.rank, step, micro))
     out1, out2 = dcr_forward(run.nets[0], run.nets[1], x_i, x_j, mix)
