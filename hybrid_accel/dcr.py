@@ -198,19 +198,17 @@ def dcr_loss(
     B = y_i.shape[0]
     o1_i, o1_j, o1_m = out1.split(B)
     o2_i, o2_j, o2_m = out2.split(B)
-    if (band_i is not None or band_j is not None) and band_fill == "peer":
+    if band_fill == "peer":
         # network 1 is taught network 2's answer in the band and the reverse (separate targets per network)
         y1 = (peer_fill(y_i, band_i, o2_i), peer_fill(y_j, band_j, o2_j))
         y2 = (peer_fill(y_i, band_i, o1_i), peer_fill(y_j, band_j, o1_j))
         sup1 = _supervised(o1_i, o1_j, o2_i, o2_j, *y1, w_i, w_j, supervision, ignore_index)[0]
         sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, *y2, w_i, w_j, supervision, ignore_index)[1]
-    elif band_i is not None or band_j is not None:
-        if band_fill != "ignore":
-            raise ValueError(f"band_fill must be ignore or peer, got {band_fill!r}")
+    elif band_fill == "ignore":  # without a band: the labels as they are
         ys = (band_ignored(y_i, band_i, ignore_index), band_ignored(y_j, band_j, ignore_index))
         sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, *ys, w_i, w_j, supervision, ignore_index)
     else:
-        sup1, sup2 = _supervised(o1_i, o1_j, o2_i, o2_j, y_i, y_j, w_i, w_j, supervision, ignore_index)
+        raise ValueError(f"band_fill must be ignore or peer, got {band_fill!r}")
     w_i = w_i.to(sup1)
     w_j = w_j.to(sup1)
     if pseudo_loss == "ce":

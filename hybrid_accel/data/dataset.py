@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from .errors import DatasetError
 from .manifest import KINDS, SPLITS, load_manifest, parse_mask_mapping, read_image, read_mask
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, transform_pair
-from .weak import ignore_boundary_band
+from .weak import boundary_band
 
 KIND_STRONG, KIND_WEAK = 0, 1
 
@@ -45,7 +45,7 @@ class HybridDataset(Dataset):
         weak_boundary_band: when > 0, items also carry ``band``, bool [H, W]: for a weak mask (not a
             true mask loaded by ``use_true_masks``) the pixels within this fraction of each object's
             equivalent radius of its outline, on either side, drawn after resizing and augmentation
-            (:func:`hybrid_accel.data.weak.ignore_boundary_band`); all False for strong and dropped
+            (:func:`hybrid_accel.data.weak.boundary_band`); all False for strong and dropped
             masks. ``mask`` itself is unchanged: the trainer decides what the band teaches.
     """
 
@@ -147,11 +147,9 @@ class HybridDataset(Dataset):
             mask_t[mask_t == self.disk_ignore_index] = self.ignore_index
         item = {}
         if self.weak_boundary_band > 0:  # the band goes with the mask, which stays whole (the trainer applies it)
-            band = torch.zeros(mask_t.shape, dtype=torch.bool)
-            if self.kinds[index] == KIND_WEAK and not self.use_true_masks:
-                banded = ignore_boundary_band(mask_t.numpy(), self.weak_boundary_band, self.ignore_index)
-                band = torch.from_numpy(banded == self.ignore_index) & (mask_t != self.ignore_index)
-            item["band"] = band
+            banded = self.kinds[index] == KIND_WEAK and not self.use_true_masks
+            width = self.weak_boundary_band if banded else 0.0  # strong and true masks: an empty band
+            item["band"] = torch.from_numpy(boundary_band(mask_t.numpy(), width, self.ignore_index))
         return {
             "image": img_t,
             "mask": mask_t,

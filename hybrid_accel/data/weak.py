@@ -330,22 +330,22 @@ def weak_quality(weak: np.ndarray, exact: np.ndarray, ignore_index: int = 255) -
     return float(np.mean(ious)), float(np.mean(dices))
 
 
-def ignore_boundary_band(mask: np.ndarray, width: float, ignore_index: int = 255) -> np.ndarray:
-    """``mask`` with a band around every foreground object's outline set to ``ignore_index``.
+def boundary_band(mask: np.ndarray, width: float, ignore_index: int = 255) -> np.ndarray:
+    """Bool [H, W]: the labelled pixels near every foreground object's outline.
 
     For region-shaped weak masks (ellipses, boxes) whose outline is where they are wrong: on the
     simulated ellipses of hybrid CVC-ClinicDB a band of 0.3 (below) holds 84% of the wrongly labelled
     pixels and 8% of the rightly labelled ones (benchmarks/RESULTS.md, section 5). The band of an
     object with ``A`` pixels spans ``max(1, round(width * sqrt(A / pi)))`` pixels (Euclidean) on each
     side of its outline: a fraction ``width`` of the radius of the disc of the same area, so that it
-    scales with the object. Pixels already ``ignore_index`` stay so; a mask without foreground comes
-    back unchanged (a dropped annotation keeps saying "no object"). ``width`` 0 returns ``mask``.
+    scales with the object. Pixels that are ``ignore_index`` are never in it; a mask without
+    foreground (a dropped annotation, which keeps saying "no object") and ``width`` 0 have none.
     """
     if width < 0:
         raise ValueError(f"width must be >= 0, got {width}")
+    band = np.zeros(mask.shape, dtype=bool)
     if width == 0:
-        return mask
-    out = mask.copy()
+        return band
     H, W = mask.shape
     for _, obj in objects(mask, ignore_index):
         area = int(obj.sum())
@@ -357,5 +357,14 @@ def ignore_boundary_band(mask: np.ndarray, width: float, ignore_index: int = 255
         # distance_transform_edt(a): each nonzero pixel's distance to the nearest zero pixel
         inner = o & (ndimage.distance_transform_edt(o) <= k)
         outer = ~o & (ndimage.distance_transform_edt(~o) <= k)
-        out[y0:y1, x0:x1][inner | outer] = ignore_index
+        band[y0:y1, x0:x1] |= inner | outer
+    return band & (mask != ignore_index)
+
+
+def ignore_boundary_band(mask: np.ndarray, width: float, ignore_index: int = 255) -> np.ndarray:
+    """``mask`` with :func:`boundary_band` set to ``ignore_index`` (``width`` 0: ``mask`` itself)."""
+    if width == 0:
+        return mask
+    out = mask.copy()
+    out[boundary_band(mask, width, ignore_index)] = ignore_index
     return out
