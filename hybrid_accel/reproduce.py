@@ -8,9 +8,9 @@ process), then read what each run wrote (``test/summary.json``, ``eval/step_*/su
 DII / DCR / DII-sampling ablation), Spearman(gamma, true IoU) of the DII runs, and draw gamma's
 histogram (Fig. 3b) and validation curves with and without DII (Fig. 3c).
 
-Runs that already finished (a ``test/summary.json`` in their folder) are not run again, so an
-interrupted suite continues where it stopped, and ``--report`` rebuilds the tables from whatever
-finished.
+Runs that already finished (a ``test/summary.json`` in their folder) are not run again; an unfinished
+run of the same command with a checkpoint (``checkpoint.every`` > 0) continues from it, so an interrupted
+suite continues where it stopped, and ``--report`` rebuilds the tables from whatever finished.
 """
 
 from __future__ import annotations
@@ -230,19 +230,40 @@ def trainer_args(preset: Preset, method: Method, seed: int, data_root: Path, run
     return args + list(extra)
 
 
-def _run_subprocess(args: list[str], log: Path, threads: int) -> int:
+def _command_line(args: Sequence[str]) -> str:
+    """The first line of a run's log: the trainer command (what an interrupted run is matched against)."""
+    return "$ " + " ".join([sys.executable, "-m", "hybrid_accel.train", *args])
+
+
+def _resumable(run_dir: Path, log: Path, args: Sequence[str]) -> bool:
+    """An unfinished run of this very command, with a checkpoint to continue from.
+
+    The log's first line names the command the run was started with; a run started with other settings
+    (another preset, other overrides) is not continued but trained again.
+    """
+    from . import checkpoint as ckpt
+
+    if ckpt.latest_checkpoint(run_dir) is None or not log.is_file():
+        return False
+    with open(log, errors="replace") as f:
+        first = f.readline().rstrip("\n")
+    tail = " -m hybrid_accel.train " + " ".join(args)
+    return first.startswith("$ ") and first.endswith(tail)
+
+
+def _run_subprocess(args: list[str], log: Path, threads: int, append: bool = False) -> int:
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    with open(log, "w") as f:
-        f.write("$ " + " ".join([sys.executable, "-m", "hybrid_accel.train", *args]) + "\n")
+    with open(log, "a" if append else "w") as f:
+        f.write(_command_line(args) + "\n")
         f.flush()
         return subprocess.call([sys.executable, "-m", "hybrid_accel.train", *args], stdout=f,
                                stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
-def _run_inprocess(args: list[str], log: Path, threads: int) -> int:
+def _run_inprocess(args: list[str], log: Path, threads: int, append: bool = False) -> int:
     """The trainer in this process (used by the tests: no interpreter start per run)."""
     import contextlib
 
@@ -254,7 +275,8 @@ def _run_inprocess(args: list[str], log: Path, threads: int) -> int:
     os.environ["WANDB_MODE"] = "disabled"
     if threads:
         torch.set_num_threads(threads)
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    with open(log, "a" if append else "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print(_command_line(args), flush=True)
         try:
             return trainer.main(args)
         finally:
@@ -290,11 +312,16 @@ def run_suite(preset: Preset, out: Path, methods: Sequence[str] | None = None, s
         rec = {"method": key, "seed": seed, "run_dir": str(run_dir)}
         if _finished(run_dir):
             return rec | {"status": "done (earlier)", "seconds": None}
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run is started again from scratch
         args = trainer_args(preset, BY_KEY[key], seed, data_root, out / "runs", extra)
-        say(f"start {name}")
+        log = out / "logs" / f"{name}.log"
+        resume = _resumable(run_dir, log, args)
+        if resume:  # an interrupted run of the same command continues from its latest checkpoint (exact resume)
+            say(f"resume {name}")
+        else:  # anything else unfinished is trained again from scratch
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"start {name}")
         t = time.perf_counter()
-        rc = runner(args, out / "logs" / f"{name}.log", preset.threads)
+        rc = runner(args + ["resume=latest"] if resume else args, log, preset.threads, append=resume)
         dt = time.perf_counter() - t
         status = "done" if rc == 0 and _finished(run_dir) else f"failed (exit {rc}, see logs/{name}.log)"
         say(f"{status:<6} {name} in {dt:.0f} s")

@@ -109,6 +109,46 @@ def test_tiny_suite_all_methods_tables_and_figures(tmp_path):
     assert all(r["status"] == "done (earlier)" for r in again)
 
 
+def _test_dice(run_dir: Path) -> float:
+    return json.loads((run_dir / "test" / "summary.json").read_text())["models"]["net"]["mean_dice"]
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
+    import shutil
+
+    preset = _tiny_preset()
+    preset.overrides = [*TINY, "checkpoint.every=2", "checkpoint.keep_last=3"]
+    out = tmp_path / "suite"
+    run_dir = out / "runs" / "few-strong-s0"
+    log = out / "logs" / "few-strong-s0.log"
+    said = []
+    (first,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, say=said.append)
+    assert first["status"] == "done" and said[-2] == "start few-strong-s0"
+    dice = _test_dice(run_dir)
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts[0] == "step_00000002", ckpts
+    # interrupted after its step-2 checkpoint: no test results, nothing saved after step 2
+    shutil.rmtree(run_dir / "test")
+    for name in ckpts[1:]:
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    said.clear()
+    (again,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, say=said.append)
+    assert again["status"] == "done" and said[-2] == "resume few-strong-s0", said
+    text = log.read_text()
+    assert "resumed from" in text and "at step 2" in text
+    assert text.splitlines()[0].endswith(" ".join(rp.trainer_args(preset, rp.BY_KEY["few-strong"], 0, out / "data",
+                                                                   out / "runs")))
+    assert _test_dice(run_dir) == pytest.approx(dice, abs=1e-6)  # exact resume: the same run, not a new one
+
+    # the same folder under other settings is not continued but trained again from scratch
+    shutil.rmtree(run_dir / "test")
+    said.clear()
+    (other,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, extra=["train.steps=6"], say=said.append)
+    assert other["status"] == "done" and said[-2] == "start few-strong-s0", said
+    assert "resumed from" not in log.read_text()
+    assert (run_dir / "checkpoints" / "step_00000006").is_dir()
+
+
 def test_command_line_subprocess_runner(tmp_path):
     import importlib.util
 
