@@ -9,7 +9,7 @@ DII / DCR / DII-sampling ablation), Spearman(gamma, true IoU) of the DII runs, a
 histogram (Fig. 3b) and validation curves with and without DII (Fig. 3c).
 
 Runs that already finished (a ``test/summary.json`` in their folder) are not run again; an unfinished
-run of the same command with a checkpoint (``checkpoint.every`` > 0) continues from it, so an interrupted
+run of the same settings with a checkpoint (``checkpoint.every`` > 0) continues from it, so an interrupted
 suite continues where it stopped, and ``--report`` rebuilds the tables from whatever finished.
 """
 
@@ -231,24 +231,34 @@ def trainer_args(preset: Preset, method: Method, seed: int, data_root: Path, run
 
 
 def _command_line(args: Sequence[str]) -> str:
-    """The first line of a run's log: the trainer command (what an interrupted run is matched against)."""
+    """The first line of a run's log: the trainer command."""
     return "$ " + " ".join([sys.executable, "-m", "hybrid_accel.train", *args])
 
 
-def _resumable(run_dir: Path, log: Path, args: Sequence[str]) -> bool:
-    """An unfinished run of this very command, with a checkpoint to continue from.
+def _resumable(run_dir: Path, args: Sequence[str]) -> bool:
+    """An unfinished run of the same settings, with a checkpoint to continue from.
 
-    The log's first line names the command the run was started with; a run started with other settings
-    (another preset, other overrides) is not continued but trained again.
+    The settings are compared resolved: the run's ``config.yaml`` against the config ``args`` give (its
+    ``resume`` field aside), so the same settings spelled otherwise (a preset that now holds an override
+    given on the command line before) still continue, and a run started with other settings does not.
     """
-    from . import checkpoint as ckpt
+    import yaml
 
-    if ckpt.latest_checkpoint(run_dir) is None or not log.is_file():
+    from . import checkpoint as ckpt
+    from .config import config_to_dict
+    from .train import parse_args
+
+    saved = run_dir / "config.yaml"
+    if ckpt.latest_checkpoint(run_dir) is None or not saved.is_file():
         return False
-    with open(log, errors="replace") as f:
-        first = f.readline().rstrip("\n")
-    tail = " -m hybrid_accel.train " + " ".join(args)
-    return first.startswith("$ ") and first.endswith(tail)
+    try:
+        old = yaml.safe_load(saved.read_text())
+        new = config_to_dict(parse_args(list(args))[0])
+    except (Exception, SystemExit):  # unreadable, or settings the trainer refuses: not a run to continue
+        return False
+    old.pop("resume", None)
+    new.pop("resume", None)
+    return old == new
 
 
 def _run_subprocess(args: list[str], log: Path, threads: int, append: bool = False) -> int:
@@ -314,8 +324,8 @@ def run_suite(preset: Preset, out: Path, methods: Sequence[str] | None = None, s
             return rec | {"status": "done (earlier)", "seconds": None}
         args = trainer_args(preset, BY_KEY[key], seed, data_root, out / "runs", extra)
         log = out / "logs" / f"{name}.log"
-        resume = _resumable(run_dir, log, args)
-        if resume:  # an interrupted run of the same command continues from its latest checkpoint (exact resume)
+        resume = _resumable(run_dir, args)
+        if resume:  # an interrupted run of the same settings continues from its latest checkpoint (exact resume)
             say(f"resume {name}")
         else:  # anything else unfinished is trained again from scratch
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -140,6 +140,15 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
                                                                    out / "runs")))
     assert _test_dice(run_dir) == pytest.approx(dice, abs=1e-6)  # exact resume: the same run, not a new one
 
+    # the same settings spelled otherwise (a value the preset already holds, given again) also continue
+    shutil.rmtree(run_dir / "test")
+    for name in sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[1:]:
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    said.clear()
+    (same,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, extra=["train.steps=4"], say=said.append)
+    assert same["status"] == "done" and said[-2] == "resume few-strong-s0", said
+    assert _test_dice(run_dir) == pytest.approx(dice, abs=1e-6)
+
     # the same folder under other settings is not continued but trained again from scratch
     shutil.rmtree(run_dir / "test")
     said.clear()
