@@ -113,9 +113,16 @@ def _test_dice(run_dir: Path) -> float:
     return json.loads((run_dir / "test" / "summary.json").read_text())["models"]["net"]["mean_dice"]
 
 
-def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
+def _interrupt_after_first_checkpoint(run_dir: Path) -> None:
+    """What a run stopped after its first checkpoint leaves: no test results, nothing saved later."""
     import shutil
 
+    shutil.rmtree(run_dir / "test")
+    for name in sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[1:]:
+        shutil.rmtree(run_dir / "checkpoints" / name)
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     preset = _tiny_preset()
     preset.overrides = [*TINY, "checkpoint.every=2", "checkpoint.keep_last=3"]
     out = tmp_path / "suite"
@@ -127,10 +134,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     dice = _test_dice(run_dir)
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts[0] == "step_00000002", ckpts
-    # interrupted after its step-2 checkpoint: no test results, nothing saved after step 2
-    shutil.rmtree(run_dir / "test")
-    for name in ckpts[1:]:
-        shutil.rmtree(run_dir / "checkpoints" / name)
+    _interrupt_after_first_checkpoint(run_dir)
     said.clear()
     (again,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, say=said.append)
     assert again["status"] == "done" and said[-2] == "resume few-strong-s0", said
@@ -141,16 +145,14 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     assert _test_dice(run_dir) == pytest.approx(dice, abs=1e-6)  # exact resume: the same run, not a new one
 
     # the same settings spelled otherwise (a value the preset already holds, given again) also continue
-    shutil.rmtree(run_dir / "test")
-    for name in sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[1:]:
-        shutil.rmtree(run_dir / "checkpoints" / name)
+    _interrupt_after_first_checkpoint(run_dir)
     said.clear()
     (same,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, extra=["train.steps=4"], say=said.append)
     assert same["status"] == "done" and said[-2] == "resume few-strong-s0", said
     assert _test_dice(run_dir) == pytest.approx(dice, abs=1e-6)
 
     # the same folder under other settings is not continued but trained again from scratch
-    shutil.rmtree(run_dir / "test")
+    _interrupt_after_first_checkpoint(run_dir)
     said.clear()
     (other,) = rp.run_suite(preset, out, ["few-strong"], inprocess=True, extra=["train.steps=6"], say=said.append)
     assert other["status"] == "done" and said[-2] == "start few-strong-s0", said
