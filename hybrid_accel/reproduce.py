@@ -249,7 +249,7 @@ def _resumable(run_dir: Path, args: Sequence[str]) -> bool:
     from .train import parse_args
 
     saved = run_dir / "config.yaml"
-    if ckpt.latest_checkpoint(run_dir) is None or not saved.is_file():
+    if not saved.is_file() or ckpt.resumable_checkpoint(run_dir)[0] is None:  # the trainer's resume=latest rule
         return False
     try:
         old = yaml.safe_load(saved.read_text())
