@@ -1,6 +1,7 @@
 """Reproduce the paper's tables with our own runs: every baseline and ablation, several seeds.
 
     python benchmarks/run_suite.py --preset cpu                  # hybrid CVC-ClinicDB, this 2-core machine
+    python benchmarks/run_suite.py --preset cpu-quick            # the same at 500 steps (under-trained)
     python benchmarks/run_suite.py --preset gpu --out runs/repro-gpu   # hybrid CVC-ClinicDB on one H100
     python benchmarks/run_suite.py --preset cpu --seeds 0 1 2 --methods full naive-hybrid few-strong
     python benchmarks/run_suite.py --preset cpu --report         # tables from the runs that finished
@@ -12,7 +13,8 @@ dii-only, dcr-only, dii-dcr, full (= DII + DCR + DII sampling). Each run is
 
 Writes under ``--out``: ``data/`` (the dataset), ``runs/<method>-s<seed>/`` (trainer outputs),
 ``logs/``, ``results.json``, ``runs.csv``, ``summary.md`` (the tables), ``gamma_hist.png`` (Fig. 3b)
-and ``curves.png`` (Fig. 3c). Finished runs are kept and skipped when the command is run again.
+and ``curves.png`` (Fig. 3c). Finished runs are kept and skipped when the command is run again; an
+unfinished run with the same settings continues from its latest checkpoint.
 Exit status 0 (also when a target is missed: the tables say so), 1 when a run failed.
 """
 

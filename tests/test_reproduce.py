@@ -64,6 +64,14 @@ def test_presets_resolve_to_valid_configs():
             assert cfg.train.cpu_threads == preset.threads
 
 
+def test_quick_cpu_preset_is_the_cpu_preset_at_half_the_steps():
+    cpu, quick = rp.PRESETS["cpu"], rp.PRESETS["cpu-quick"]
+    changed = {a: b for a, b in zip(cpu.overrides, quick.overrides) if a != b}
+    assert changed == {"train.steps=1000": "train.steps=500", "checkpoint.every=100": "checkpoint.every=0"}
+    assert (quick.data, quick.config, quick.jobs, quick.threads) == (cpu.data, cpu.config, cpu.jobs, cpu.threads)
+    assert quick.seeds == [0, 1] and cpu.seeds == [0]
+
+
 def test_summary_targets():
     # issue 14's targets: full >= naive + 10 and >= few strong + 3; full >= DII+DCR >= DII only; DII+DCR >= DCR
     # only; full within 5 of fully supervised; Spearman >= 0.7; dropped annotations' mean gamma < 0.2
