@@ -140,6 +140,9 @@ class Preset:
 def _replace_overrides(overrides: Sequence[str], *new: str) -> list[str]:
     """``overrides`` with each ``key=value`` in ``new`` replacing the entry of the same key (kept in place)."""
     by_key = {o.split("=", 1)[0]: o for o in new}
+    missing = set(by_key) - {o.split("=", 1)[0] for o in overrides}
+    if missing:
+        raise ValueError(f"no override to replace for {sorted(missing)}")
     return [by_key.get(o.split("=", 1)[0], o) for o in overrides]
 
 
@@ -174,7 +177,7 @@ PRESETS: dict[str, Preset] = {
     # under-trained (the full method 8.8 points below fully supervised). Two seeds
     # (16 runs) take about two hours (115 min of run time on 2026-12-01, benchmarks/RESULTS.md section 5).
     "cpu-quick": dataclasses.replace(
-        _CPU, name="cpu-quick", description=_CPU.description.replace("1000 steps", "500 steps"),
+        _CPU, name="cpu-quick", description=_CPU.description.replace("1000 steps", "500 steps"), data=dict(_CPU.data),
         overrides=_replace_overrides(_CPU.overrides, "train.steps=500", "checkpoint.every=0"), seeds=[0, 1]),
     # Hybrid CVC-ClinicDB (612 frames, 29 sequences, split by sequence; 10% of train strong as whole sequences, the
     # rest ellipses with distortion, 40% of foregrounds dropped), EfficientNet-Lite0 DeepLabv3+ (ImageNet) at
