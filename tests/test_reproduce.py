@@ -70,6 +70,8 @@ def test_quick_cpu_preset_is_the_cpu_preset_at_half_the_steps():
     assert changed == {"train.steps=1000": "train.steps=500", "checkpoint.every=100": "checkpoint.every=0"}
     assert (quick.data, quick.config, quick.jobs, quick.threads) == (cpu.data, cpu.config, cpu.jobs, cpu.threads)
     assert quick.seeds == [0, 1] and cpu.seeds == [0]
+    with pytest.raises(ValueError, match="train.stepz"):  # a misspelt key would otherwise change nothing
+        rp._replace_overrides(cpu.overrides, "train.stepz=500")
 
 
 def test_summary_targets():
