@@ -179,9 +179,8 @@ PRESETS: dict[str, Preset] = {
     "cpu-quick": dataclasses.replace(
         _CPU, name="cpu-quick", description=_CPU.description.replace("1000 steps", "500 steps"), data=dict(_CPU.data),
         overrides=_replace_overrides(_CPU.overrides, "train.steps=500", "checkpoint.every=0"), seeds=[0, 1]),
-    # Hybrid CVC-ClinicDB (612 frames, 29 sequences, split by sequence; 10% of train strong as whole sequences, the
-    # rest ellipses with distortion, 40% of foregrounds dropped), EfficientNet-Lite0 DeepLabv3+ (ImageNet) at
-    # 288x384, bf16, the recommended setting, sized for one 10-minute command on one H100: 8 runs x 400 steps.
+    # The cpu preset's hybrid CVC-ClinicDB and setting, EfficientNet-Lite0 DeepLabv3+ (ImageNet) at 288x384, bf16,
+    # sized for one 10-minute command on one H100: 8 runs x 400 steps.
     "gpu": Preset(
         name="gpu",
         description="hybrid CVC-ClinicDB 288x384 (10% strong, by sequence), EfficientNet-Lite0 DeepLabv3+ (ImageNet), bf16, 400 steps",
