@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .depthwise import use_fast_depthwise
+
 __all__ = [
     "SegOutput",
     "DeepLabV3Plus",
@@ -52,7 +54,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIG_KEY = "hybrid_accel_config"  # safetensors metadata key holding the JSON config
-_RUNTIME_OPTIONS = ("pretrained", "channels_last", "compile")  # not part of the stored architecture
+_RUNTIME_OPTIONS = ("pretrained", "channels_last", "compile", "fast_depthwise")  # not part of the stored architecture
 
 
 class SegOutput(NamedTuple):
@@ -410,6 +412,7 @@ def build_model(
     compile: bool | Mapping[str, Any] = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    fast_depthwise: bool = True,
 ) -> DeepLabV3Plus:
     """Build DeepLabv3+ on a timm backbone.
 
@@ -435,6 +438,9 @@ def build_model(
         mean, std: the per-channel input normalisation the network expects (on [0, 1] images);
             ``None`` = the backbone's pretrained configuration in timm (ImageNet's where timm has none).
             Stored in the config (and so in an export); read it back with :func:`input_norm`.
+        fast_depthwise: depthwise convolutions take their CPU backward pass as forward convolutions
+            (:mod:`hybrid_accel.depthwise`; the same gradients, training steps of
+            EfficientNet-Lite0 about 1.25x faster on the CPU); no effect on a GPU or on the weights.
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -464,6 +470,8 @@ def build_model(
     )
     if not from_timm:
         _load_pretrained(model, pretrained, backbone, in_chans)
+    if fast_depthwise:
+        use_fast_depthwise(model)
     return _apply_runtime_options(model, channels_last, compile)
 
 
