@@ -116,3 +116,21 @@ def test_compiles_with_the_switched_convolutions():
     comp(x).square().mean().backward()
     for (name, a), b in zip(ref.named_parameters(), comp.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_benchmark_runs_and_agrees(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_depthwise
+
+    out = tmp_path / "bench.json"
+    assert bench_depthwise.main(["--batch", "2", "--size", "32", "48", "--reps", "1", "--steps", "1",
+                                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["layers"]) == 16  # EfficientNet-Lite0's depthwise layers
+    assert {(r["stride"][0], r["dilation"][0]) for r in doc["layers"]} == {(1, 1), (2, 1), (1, 2)}
+    assert max(r["input_grad_max_rel_diff"] for r in doc["layers"]) < 1e-5
+    assert doc["step_ms"]["torch"] > 0 and doc["step_ms"]["fast"] > 0
