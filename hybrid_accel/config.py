@@ -84,6 +84,7 @@ class ModelConfig:
     decoder_channels: int = 64  # width F of ASPP/decoder = classifier input channels (paper: 256)
     sync_bn: bool | None = None  # SyncBatchNorm across processes; null = on for multi-GPU runs (CUDA only)
     channels_last: bool = False  # channels-last memory format (faster convolutions on tensor-core GPUs)
+    fast_depthwise: bool = True  # depthwise convolutions (> 3x3 or dilated): CPU backward as forward convolutions
     compile: bool = False  # torch.compile the networks' forward
     freeze_bn: bool = False  # keep BatchNorm layers in eval mode (running statistics frozen) while training
 

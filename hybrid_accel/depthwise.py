@@ -1,17 +1,22 @@
-"""Depthwise convolutions whose CPU backward pass is computed as forward convolutions.
+"""Depthwise convolutions whose CPU backward pass is computed as forward depthwise convolutions.
 
 On the CPU, PyTorch's backward of a depthwise convolution (``groups == in_channels == out_channels``)
-is far slower than its forward, and slowest for the dilated ones that an output stride of 16 puts in
-the last encoder stages: on one thread, for a [24, 1152, 6, 8] input with a 5x5 kernel at dilation 2,
-the forward takes 2 ms and the input gradient 73 ms (benchmarks/RESULTS.md section 5). The input
-gradient of a depthwise convolution is itself a depthwise convolution (of the output gradient, with
-the kernel flipped; for a strided one, of the output gradient spread out with zeros), so it is
-computed here as one, at the cost of a forward pass. The weight gradient keeps PyTorch's kernel
-(the alternatives measured, a grouped convolution over the batch and unfold, were slower).
+is far slower than its forward where the kernel is larger than 3x3 or dilated (as an output stride of
+16 makes the last stages of EfficientNet): on one thread, 24 images, the forward of a 5x5 layer over
+[672, 6, 8] takes 1.3 ms and its weight gradient 30-35 ms; at dilation 2 over [1152, 6, 8], the input
+gradient alone takes 45-75 ms (benchmarks/RESULTS.md section 2.4). Both gradients of a depthwise
+convolution are themselves depthwise convolutions, computed here as such, at about a forward's cost:
 
-:func:`use_fast_depthwise` switches a model's depthwise ``nn.Conv2d`` (and timm ``Conv2dSame``)
-modules to this backward. Parameters, state-dict keys and outputs stay as they are; on a GPU, or
-when no gradient is needed, the modules run PyTorch's own convolution.
+- input gradient: the output gradient (spread out with zeros for a strided layer) correlated with the
+  flipped kernel; used for dilated layers (on undilated ones PyTorch's kernel is as fast or faster);
+- weight gradient: each (image, channel) plane of the padded input correlated with the same plane of
+  the output gradient (a depthwise convolution over N x C channels whose kernel is the output gradient,
+  with the layer's dilation as stride and its stride as dilation), summed over the images.
+
+:func:`use_fast_depthwise` switches a model's depthwise ``nn.Conv2d`` and timm ``Conv2dSame`` modules
+whose kernel is larger than 3x3 or dilated (every depthwise one with ``every_layer=True``) to this
+backward. Parameters, state-dict keys and outputs stay as they are; on a GPU, or when no gradient is
+needed, the modules run PyTorch's own convolution.
 """
 
 from __future__ import annotations
@@ -47,6 +52,21 @@ def _input_grad(go: torch.Tensor, weight: torch.Tensor, shape: torch.Size, strid
     return F.conv2d(go, weight.flip(-1, -2), None, 1, 0, (dh, dw), c)
 
 
+def _weight_grad(x: torch.Tensor, go: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """Gradient of the depthwise convolution with respect to its [C, 1, kh, kw] weight: for each image n
+    and channel c, w[c, i, j] gathers x_pad[n, c, h s + i d, w s + j d] * go[n, c, h, w] over h, w, a
+    correlation of the two planes (stride d, dilation s), here one depthwise convolution over N x C
+    channels, summed over the images."""
+    n, c = x.shape[:2]
+    kh, kw = kernel
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    planes = xp.reshape(1, n * c, xp.shape[-2], xp.shape[-1])
+    kernels = go.reshape(n * c, 1, go.shape[-2], go.shape[-1])
+    out = F.conv2d(planes, kernels, None, dilation, 0, stride, n * c)  # [1, N C, >= kh, >= kw]
+    return out[0, :, :kh, :kw].reshape(n, c, kh, kw).sum(0).unsqueeze(1)
+
+
 class _DepthwiseConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -59,12 +79,17 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
     def backward(ctx: Any, go: torch.Tensor):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.conf
+        go = go.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _input_grad(go, weight, x.shape, stride, padding, dilation)
+            if max(dilation) > 1:
+                gx = _input_grad(go, weight, x.shape, stride, padding, dilation)
+            else:  # PyTorch's input gradient is as fast here
+                gx = torch.ops.aten.convolution_backward(go, x, weight, None, list(stride), list(padding),
+                                                         list(dilation), False, [0, 0], x.shape[1],
+                                                         [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            gw = torch.ops.aten.convolution_backward(go, x, weight, None, list(stride), list(padding), list(dilation),
-                                                     False, [0, 0], x.shape[1], [False, True, False])[1]
+            gw = _weight_grad(x.contiguous(), go, tuple(weight.shape[-2:]), stride, padding, dilation)
         if has_bias and ctx.needs_input_grad[2]:
             gb = go.sum((0, 2, 3))
         return gx, gw, gb, None, None, None
@@ -110,14 +135,23 @@ class DepthwiseConv2dSame(Conv2dSame):
         return depthwise_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation)
 
 
-def use_fast_depthwise(model: nn.Module) -> int:
-    """Switch every depthwise convolution of ``model`` (``nn.Conv2d`` or timm ``Conv2dSame``, zero
-    padding, ``groups == in_channels == out_channels > 1``) to the fast CPU backward, in place.
-    Returns how many were switched."""
+def _slow_in_pytorch(m: nn.Conv2d) -> bool:
+    """A depthwise layer whose CPU backward in PyTorch is far slower than its forward: kernel larger than
+    3x3, or dilated (benchmarks/RESULTS.md section 2.4; on 3x3 undilated ones it is as fast as this one)."""
+    return max(m.dilation) > 1 or max(m.kernel_size) > 3
+
+
+def use_fast_depthwise(model: nn.Module, every_layer: bool = False) -> int:
+    """Switch the depthwise convolutions of ``model`` (``nn.Conv2d`` or timm ``Conv2dSame``, zero
+    padding, ``groups == in_channels == out_channels > 1``) to the fast CPU backward, in place: those
+    with a kernel larger than 3x3 or a dilation, or every one with ``every_layer=True``. Returns how
+    many were switched."""
     swapped = 0
     for m in model.modules():
         if not (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
                 and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+            continue
+        if not (every_layer or _slow_in_pytorch(m)):
             continue
         if type(m) is nn.Conv2d:
             m.__class__ = DepthwiseConv2d

@@ -438,9 +438,9 @@ def build_model(
         mean, std: the per-channel input normalisation the network expects (on [0, 1] images);
             ``None`` = the backbone's pretrained configuration in timm (ImageNet's where timm has none).
             Stored in the config (and so in an export); read it back with :func:`input_norm`.
-        fast_depthwise: depthwise convolutions take their CPU backward pass as forward convolutions
-            (:mod:`hybrid_accel.depthwise`; the same gradients, training steps of
-            EfficientNet-Lite0 about 1.25x faster on the CPU); no effect on a GPU or on the weights.
+        fast_depthwise: depthwise convolutions with a kernel larger than 3x3 or a dilation compute
+            their CPU backward pass as forward depthwise convolutions (:mod:`hybrid_accel.depthwise`;
+            the same gradients, far faster); no effect on a GPU, on inference or on the weights.
     """
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")

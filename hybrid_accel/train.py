@@ -501,7 +501,8 @@ def build_networks(cfg: Config, accelerator: Any, num_classes: int) -> list[nn.M
         torch.manual_seed(derive_seed(cfg.seed, "init", k))
         net = build_model(cfg.model.backbone, num_classes, cfg.model.output_stride, tuple(cfg.model.aspp_rates),
                           cfg.model.decoder_channels, pretrained=cfg.model.pretrained,
-                          channels_last=cfg.model.channels_last, compile=cfg.model.compile)
+                          channels_last=cfg.model.channels_last, compile=cfg.model.compile,
+                          fast_depthwise=cfg.model.fast_depthwise)
         if sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         nets.append(net)

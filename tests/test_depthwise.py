@@ -59,31 +59,49 @@ def test_a_weight_that_is_not_depthwise_is_an_error():
 
 def test_only_depthwise_zero_padded_convolutions_are_switched():
     m = torch.nn.Sequential(
-        torch.nn.Conv2d(4, 4, 3, padding=1, groups=4),  # depthwise: switched
-        Conv2dSame(4, 4, 5, stride=2, groups=4),  # timm 'SAME', depthwise: switched
-        torch.nn.Conv2d(4, 8, 3, padding=1, groups=4),  # grouped, not depthwise
-        torch.nn.Conv2d(4, 4, 3, padding=1),  # dense
-        torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),  # not zero padding
-        torch.nn.Conv2d(4, 4, 3, padding="same", groups=4),  # padding given as a word
+        torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4),  # dilated depthwise: switched
+        Conv2dSame(4, 4, 5, stride=2, groups=4),  # timm 'SAME', 5x5 depthwise: switched
+        torch.nn.Conv2d(4, 4, 3, padding=1, groups=4),  # 3x3 undilated depthwise: only with every_layer=True
+        torch.nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4),  # grouped, not depthwise
+        torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2),  # dense
+        torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, padding_mode="reflect"),  # not zero padding
+        torch.nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=4),  # padding given as a word
     )
+    plain = [type(x) for x in m]
     assert use_fast_depthwise(m) == 2
-    assert [type(x) for x in m] == [DepthwiseConv2d, DepthwiseConv2dSame, torch.nn.Conv2d, torch.nn.Conv2d,
-                                    torch.nn.Conv2d, torch.nn.Conv2d]
-    assert use_fast_depthwise(m) == 0  # already switched
+    assert [type(x) for x in m] == [DepthwiseConv2d, DepthwiseConv2dSame, *plain[2:]]
+    assert use_fast_depthwise(m, every_layer=True) == 1  # the 3x3 undilated one; the others are switched already
+    assert [type(x) for x in m] == [DepthwiseConv2d, DepthwiseConv2dSame, DepthwiseConv2d, *plain[3:]]
+    assert use_fast_depthwise(m, every_layer=True) == 0
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    with torch.no_grad():
+        ref = [torch.nn.functional.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+               for c in (m[0], m[2])]
+    torch.testing.assert_close(m[0](x), ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(m[2](x), ref[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backbone, output_stride", [("tf_efficientnet_lite0", 16), ("mobilenetv3_small_050", 8)])
-def test_model_outputs_and_gradients_unchanged(backbone, output_stride):
-    # tf_efficientnet_lite0: timm Conv2dSame at the strided stages, dilated 5x5 kernels at output stride 16
+@pytest.mark.parametrize("backbone, output_stride, every_layer",
+                         [("tf_efficientnet_lite0", 16, False), ("tf_efficientnet_lite0", 16, True),
+                          ("mobilenetv3_small_050", 8, False)])
+def test_model_outputs_and_gradients_unchanged(backbone, output_stride, every_layer):
+    # tf_efficientnet_lite0 at output stride 16: 3x3 and 5x5 depthwise layers, dilated ones in the last stages,
+    # timm Conv2dSame at the strided ones
     torch.manual_seed(0)
     ref = build_model(backbone, output_stride=output_stride, fast_depthwise=False, **SMALL).double().train()
-    fast = build_model(backbone, output_stride=output_stride, **SMALL).double().train()
+    if not every_layer:
+        fast = build_model(backbone, output_stride=output_stride, **SMALL).double().train()
+    else:
+        fast = build_model(backbone, output_stride=output_stride, fast_depthwise=False, **SMALL).double().train()
+        assert use_fast_depthwise(fast, every_layer=True) > 0
     fast.load_state_dict(ref.state_dict())
     assert fast.state_dict().keys() == ref.state_dict().keys()
-    kinds = {type(m) for m in fast.modules()}
-    assert DepthwiseConv2d in kinds and not ({DepthwiseConv2d, DepthwiseConv2dSame} & {type(m) for m in ref.modules()})
+    switched = [m for m in fast.modules() if isinstance(m, (DepthwiseConv2d, DepthwiseConv2dSame))]
+    assert switched and not [m for m in ref.modules() if isinstance(m, (DepthwiseConv2d, DepthwiseConv2dSame))]
+    assert all(max(m.dilation) > 1 or max(m.kernel_size) > 3 for m in switched) != every_layer
+    assert any(max(m.dilation) > 1 for m in switched) and any(max(m.dilation) == 1 for m in switched)
     if backbone.startswith("tf_"):
-        assert DepthwiseConv2dSame in kinds
+        assert any(isinstance(m, DepthwiseConv2dSame) for m in switched)
     x = torch.randn(2, 3, 40, 56, dtype=torch.float64)
     grads = []
     for net in (ref, fast):
@@ -95,8 +113,18 @@ def test_model_outputs_and_gradients_unchanged(backbone, output_stride):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+def test_the_trainer_setting_reaches_the_networks():
+    from hybrid_accel.config import load_config
+
+    for on in (True, False):
+        cfg = load_config(None, ["model.backbone=tf_efficientnet_lite0", "model.pretrained=null",
+                                 f"model.fast_depthwise={str(on).lower()}"])
+        net = build_model(cfg.model.backbone, 2, fast_depthwise=cfg.model.fast_depthwise)
+        assert any(isinstance(m, DepthwiseConv2d) for m in net.modules()) == on
+
+
 def test_switched_model_copies_and_pickles():
-    net = build_model("mobilenetv3_small_050", **SMALL)
+    net = build_model("mobilenetv3_small_050", output_stride=8, **SMALL)
     buf = io.BytesIO()
     torch.save(net, buf)
     buf.seek(0)
@@ -107,8 +135,9 @@ def test_switched_model_copies_and_pickles():
 
 def test_compiles_with_the_switched_convolutions():
     torch.manual_seed(1)
-    ref = build_model("mobilenetv3_small_050", fast_depthwise=False, **SMALL).double().train()
-    comp = build_model("mobilenetv3_small_050", **SMALL).double().train()
+    ref = build_model("mobilenetv3_small_050", output_stride=8, fast_depthwise=False, **SMALL).double().train()
+    comp = build_model("mobilenetv3_small_050", output_stride=8, **SMALL).double().train()
+    assert any(isinstance(m, DepthwiseConv2d) for m in comp.modules())
     comp.load_state_dict(ref.state_dict())
     comp.compile(backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -133,4 +162,8 @@ def test_benchmark_runs_and_agrees(tmp_path):
     assert len(doc["layers"]) == 16  # EfficientNet-Lite0's depthwise layers
     assert {(r["stride"][0], r["dilation"][0]) for r in doc["layers"]} == {(1, 1), (2, 1), (1, 2)}
     assert max(r["input_grad_max_rel_diff"] for r in doc["layers"]) < 1e-5
-    assert doc["step_ms"]["torch"] > 0 and doc["step_ms"]["fast"] > 0
+    assert [r["switched_by_default"] for r in doc["layers"]] == [r["dilation"][0] > 1 or r["kernel"][0] > 3
+                                                                 for r in doc["layers"]]
+    assert sum(r["switched_by_default"] for r in doc["layers"]) == 10  # six 5x5, four dilated
+    assert max(r["weight_grad_max_rel_diff"] for r in doc["layers"]) < 1e-5
+    assert set(doc["step_ms"]) == {"torch", "default", "every"} and min(doc["step_ms"].values()) > 0
