@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hybrid_accel.depthwise import (  # noqa: E402
     DepthwiseConv2d,
     DepthwiseConv2dSame,
+    _backward,
     _input_grad,
     _slow_in_pytorch,
     _weight_grad,
@@ -105,16 +106,13 @@ def main(argv=None) -> int:
         args = (go, xi, w, None, list(s), list(pd), list(d), False, [0, 0], c)
         ref_gx, ref_gw, _ = cb(*args, [True, True, False])
         ours_gx, ours_gw = _input_grad(go, w, xi.shape, s, pd, d), _weight_grad(xi, go, k, s, pd, d)
-        switched = _slow_in_pytorch(torch.nn.Conv2d(c, c, k, s, pd, d, c, bias=False))
-        if not switched:  # what fast_depthwise runs on this layer: PyTorch's backward
+        switched = _slow_in_pytorch(k, d)
+        if switched:  # what fast_depthwise runs on this layer: the module's backward
+            def default_bwd():
+                return _backward(go, xi, w, s, pd, d)
+        else:  # PyTorch's
             def default_bwd():
                 return cb(*args, [True, True, False])
-        elif max(d) > 1:  # both gradients ours
-            def default_bwd():
-                return _input_grad(go, w, xi.shape, s, pd, d), _weight_grad(xi, go, k, s, pd, d)
-        else:  # PyTorch's input gradient, our weight gradient
-            def default_bwd():
-                return cb(*args, [True, False, False]), _weight_grad(xi, go, k, s, pd, d)
         layers.append(dict(
             input=list(xi.shape), kernel=list(k), stride=list(s), padding=list(pd), dilation=list(d),
             switched_by_default=switched,

@@ -67,6 +67,25 @@ def _weight_grad(x: torch.Tensor, go: torch.Tensor, kernel: tuple[int, int], str
     return out[0, :, :kh, :kw].reshape(n, c, kh, kw).sum(0).unsqueeze(1)
 
 
+def _backward(go: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+              padding: tuple[int, int], dilation: tuple[int, int], need_x: bool = True,
+              need_w: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(input gradient, weight gradient) of ``conv2d(x, weight, None, stride, padding, dilation, groups=C)``
+    given the output gradient ``go``, as the switched layers compute them: the weight gradient is ours;
+    the input gradient is ours on dilated layers and PyTorch's on the others, where it is as fast. A
+    gradient not asked for is None."""
+    gx = gw = None
+    if need_x:
+        if max(dilation) > 1:
+            gx = _input_grad(go, weight, x.shape, stride, padding, dilation)
+        else:
+            gx = torch.ops.aten.convolution_backward(go, x, weight, None, list(stride), list(padding), list(dilation),
+                                                     False, [0, 0], x.shape[1], [True, False, False])[0]
+    if need_w:
+        gw = _weight_grad(x.contiguous(), go, tuple(weight.shape[-2:]), stride, padding, dilation)
+    return gx, gw
+
+
 class _DepthwiseConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -80,18 +99,8 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.conf
         go = go.contiguous()
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            if max(dilation) > 1:
-                gx = _input_grad(go, weight, x.shape, stride, padding, dilation)
-            else:  # PyTorch's input gradient is as fast here
-                gx = torch.ops.aten.convolution_backward(go, x, weight, None, list(stride), list(padding),
-                                                         list(dilation), False, [0, 0], x.shape[1],
-                                                         [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            gw = _weight_grad(x.contiguous(), go, tuple(weight.shape[-2:]), stride, padding, dilation)
-        if has_bias and ctx.needs_input_grad[2]:
-            gb = go.sum((0, 2, 3))
+        gx, gw = _backward(go, x, weight, stride, padding, dilation, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        gb = go.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None
 
 
@@ -135,10 +144,11 @@ class DepthwiseConv2dSame(Conv2dSame):
         return depthwise_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation)
 
 
-def _slow_in_pytorch(m: nn.Conv2d) -> bool:
-    """A depthwise layer whose CPU backward in PyTorch is far slower than its forward: kernel larger than
-    3x3, or dilated (benchmarks/RESULTS.md section 2.4; on 3x3 undilated ones it is as fast as this one)."""
-    return max(m.dilation) > 1 or max(m.kernel_size) > 3
+def _slow_in_pytorch(kernel: tuple[int, int], dilation: tuple[int, int]) -> bool:
+    """Whether PyTorch's CPU backward of a depthwise layer with this kernel size and dilation is far slower
+    than its forward: kernel larger than 3x3, or dilated (benchmarks/RESULTS.md section 2.4; on 3x3
+    undilated ones it is as fast as this module's)."""
+    return max(dilation) > 1 or max(kernel) > 3
 
 
 def use_fast_depthwise(model: nn.Module, every_layer: bool = False) -> int:
@@ -151,7 +161,7 @@ def use_fast_depthwise(model: nn.Module, every_layer: bool = False) -> int:
         if not (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
                 and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
             continue
-        if not (every_layer or _slow_in_pytorch(m)):
+        if not (every_layer or _slow_in_pytorch(m.kernel_size, m.dilation)):
             continue
         if type(m) is nn.Conv2d:
             m.__class__ = DepthwiseConv2d
