@@ -136,6 +136,7 @@ class DIIConfig:
     scan: str = "all"  # weak images scored per update: all | subset (a random dii.scan_size of them)
     scan_size: int = 1024  # weak images per update when dii.scan = subset
     scan_batch_size: int = 64  # images per forward pass in the strong pass and the weak scan (per process)
+    scan_cache_mib: int = 2048  # MiB (per process) of the strong and weak images, as the update reads them, kept in memory between updates; 0: loaded again at every update
 
 
 @dataclass
@@ -463,6 +464,8 @@ def validate_config(cfg: Config) -> None:
         p.append(f"dii.scan_size={d.scan_size}: must be positive with dii.scan=subset")
     if d.scan_batch_size <= 0:
         p.append(f"dii.scan_batch_size={d.scan_batch_size}: must be positive")
+    if d.scan_cache_mib < 0:
+        p.append(f"dii.scan_cache_mib={d.scan_cache_mib}: MiB of images kept between gamma updates, 0 (none) or more")
     if t.steps <= 0:
         p.append(f"train.steps={t.steps}: must be positive")
     if t.batch_size <= 0:

@@ -44,7 +44,7 @@ from .sampling import make_generator
 
 __all__ = ["GammaState", "reference_grad", "calibrate_logits", "centred_reference", "weak_scores", "DIIUpdater", "due",
            "ce_grad_logits", "classifier_grad", "dii_scores", "gamma_quality", "describe_update", "write_gamma_csv",
-           "read_gamma_csv", "append_gamma_history", "foreground_area"]
+           "read_gamma_csv", "append_gamma_history", "foreground_area", "ScanCache"]
 
 
 # ------------------------------------------------------------------ per-instance classifier gradients
@@ -367,9 +367,79 @@ def _shifted(logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
     return logits if shift is None else logits + shift.to(logits).view(1, -1, 1, 1)
 
 
-def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int) -> DataLoader:
+def _loader(dataset: Dataset | ScanCache, indices: Sequence[int], batch_size: int, num_workers: int):
+    """Batches (dicts with ``image`` and ``mask``) of the dataset items ``indices``, in order."""
+    if isinstance(dataset, ScanCache):
+        return dataset.batches(indices, batch_size, num_workers)
     return DataLoader(Subset(dataset, list(map(int, indices))), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers)
+
+
+class ScanCache:
+    """The items a gamma update reads (``image`` and ``mask`` of the strong and weak training images,
+    through the eval transform: the same tensors at every update), kept in memory after their first
+    load, up to ``max_bytes`` per process; those beyond it are loaded again at each update.
+
+    Every update reads each strong and weak image once per network (a decode and resize each: about
+    6 ms for a CVC-ClinicDB frame on the 2-core dev machine, benchmarks/RESULTS.md section 3). The batches are the ones a ``DataLoader`` over the
+    same indices would give, with the same values (masks are stored as uint8 where the labels fit, and
+    returned as int64), so the scores do not change. ``num_workers`` loads the items not yet cached.
+    """
+
+    def __init__(self, dataset: Dataset, max_bytes: int):
+        self.dataset = dataset
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: dict[int, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def cached(self) -> int:
+        """How many items are held."""
+        return len(self._items)
+
+    def _store(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> None:
+        if index in self._items:
+            return
+        small = (mask.dtype in (torch.int64, torch.int32, torch.int16) and mask.numel() > 0
+                 and 0 <= int(mask.min()) and int(mask.max()) <= 255)
+        kept = mask.to(torch.uint8) if small else mask.clone()
+        size = image.numel() * image.element_size() + kept.numel() * kept.element_size()
+        if self.nbytes + size > self.max_bytes:
+            return
+        self._items[index] = (image.clone(), kept, mask.dtype)
+        self.nbytes += size
+
+    def _stream(self, missing: list[int], batch_size: int, num_workers: int):
+        """(index or None, image, mask) of the items ``missing``, in order, loaded from the dataset."""
+        if not missing:
+            return
+        for batch in DataLoader(Subset(self.dataset, missing), batch_size=batch_size, shuffle=False,
+                                num_workers=num_workers):
+            for j in range(batch["image"].shape[0]):
+                yield (int(batch["index"][j]) if "index" in batch else None), batch["image"][j], batch["mask"][j]
+
+    def batches(self, indices: Sequence[int], batch_size: int, num_workers: int = 0):
+        """Batches of ``batch_size`` items (the last one smaller) of ``indices``, in order."""
+        indices = [int(i) for i in indices]
+        load = [i not in self._items for i in indices]  # per position: cached items stay cached
+        stream = self._stream([i for i, miss in zip(indices, load) if miss], batch_size, num_workers)
+        for start in range(0, len(indices), batch_size):
+            images, masks = [], []
+            for i, miss in zip(indices[start:start + batch_size], load[start:start + batch_size]):
+                if miss:
+                    index, image, mask = next(stream)
+                    if index is not None and index != i:
+                        raise RuntimeError(f"ScanCache: the dataset returned item {index} where {i} was asked for")
+                    self._store(i, image, mask)
+                else:
+                    image, kept, dtype = self._items[i]
+                    mask = kept.to(dtype)
+                images.append(image)
+                masks.append(mask)
+            yield {"image": torch.stack(images), "mask": torch.stack(masks)}
 
 
 def _soft_targets(labels: torch.Tensor, num_classes: int, size: Sequence[int], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,7 +630,8 @@ class DIIUpdater:
     ``dataset`` must be the training split without augmentation (the eval transform), with weak
     images carrying their weak masks; ``strong_indices`` / ``weak_indices`` are its dataset indices.
     ``batch_size`` is the training batch size per process (``train.batch_size``): the size of one of
-    the ``dii.strong_batches`` batches drawn for g_S on each process.
+    the ``dii.strong_batches`` batches drawn for g_S on each process. ``cache_bytes`` > 0 keeps up to that
+    many bytes of the loaded items in memory between updates (:class:`ScanCache`; ``dii.scan_cache_mib``).
     """
 
     def __init__(
@@ -574,9 +645,11 @@ class DIIUpdater:
         ignore_index: int = 255,
         batch_size: int = 8,
         num_workers: int = 0,
+        cache_bytes: int = 0,
     ):
         self.gamma = gamma
-        self.dataset = dataset
+        # the eval-transformed items every update reads, kept between updates (ScanCache) when cache_bytes > 0
+        self.dataset = ScanCache(dataset, cache_bytes) if cache_bytes > 0 else dataset
         self.strong_indices = np.asarray(strong_indices)
         self.weak_indices = np.asarray(weak_indices)
         self.cfg = cfg  # a DIIConfig

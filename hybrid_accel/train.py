@@ -437,7 +437,8 @@ def setup_run(cfg: Config, config_path: str | None = None) -> Run:
         run.gamma = GammaState(len(train_ds.weak_indices), d.init, d.lr, d.betas, d.eps, d.clip, d.optimizer,
                                d.step_clip)
         run.updater = DIIUpdater(run.gamma, ds["scan"], train_ds.strong_indices, train_ds.weak_indices, d, cfg.seed,
-                                 run.ignore, cfg.train.batch_size, cfg.data.num_workers)
+                                 run.ignore, cfg.train.batch_size, cfg.data.num_workers,
+                                 cache_bytes=d.scan_cache_mib * 2**20)
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from)
         run.start, run.best, run.best_step = int(state["step"]), float(state["best"]), int(state["best_step"])

@@ -588,3 +588,100 @@ def test_median_sgd_moves_each_gamma_by_its_score_against_the_median_clipped():
     for bad in ("dii.step_clip=0", "dii.normalize=pixels", "dii.optimizer=median"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             validate_config(load_config(None, [bad]))
+
+
+# ------------------------------------------------------------------------------------- ScanCache
+class _CountingDataset(torch.utils.data.Dataset):
+    """A real HybridDataset, with a count of the items it loaded."""
+
+    def __init__(self, ds):
+        self.ds, self.loads = ds, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.loads += 1
+        return self.ds[i]
+
+
+@pytest.fixture(scope="module")
+def synth_train(tmp_path_factory):
+    from hybrid_accel.data import HybridDataset, make_synthetic_hybrid
+
+    root = tmp_path_factory.mktemp("scan-cache")
+    make_synthetic_hybrid(root, n_train=14, n_val=2, n_test=2, size=(24, 32), strong_count=4, seed=0, workers=1)
+    return HybridDataset(root, "train", image_size=(24, 32))
+
+
+def _loader_batches(ds, indices, bs):
+    from torch.utils.data import DataLoader, Subset
+
+    return [{"image": b["image"], "mask": b["mask"]} for b in DataLoader(Subset(ds, indices), batch_size=bs)]
+
+
+@pytest.mark.parametrize("budget_items", [100, 5, 0])
+def test_scan_cache_gives_the_dataloaders_batches_and_loads_each_item_once(synth_train, budget_items):
+    from hybrid_accel.dii import ScanCache
+
+    ds = _CountingDataset(synth_train)
+    item = synth_train[0]
+    size = item["image"].numel() * 4 + item["mask"].numel()  # float32 image, uint8 mask
+    cache = ScanCache(ds, budget_items * size)
+    order = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]  # repeats, as a strong draw with strong_batches makes
+    want = _loader_batches(synth_train, order, 4)
+    for rep in range(3):
+        got = list(cache.batches(order, 4))
+        assert [len(b["image"]) for b in got] == [4, 4, 4, 2]
+        for g, w in zip(got, want):
+            assert torch.equal(g["image"], w["image"])
+            assert g["mask"].dtype == w["mask"].dtype == torch.int64 and torch.equal(g["mask"], w["mask"])
+        if rep == 0:
+            assert ds.loads == len(order)  # each position loaded once on the first pass (repeats included)
+            assert cache.cached == min(budget_items, len(set(order)))
+            assert cache.nbytes <= cache.max_bytes
+    uncached_positions = sum(1 for i in order if i not in cache._items)
+    assert ds.loads == len(order) + 2 * uncached_positions  # later passes load only what did not fit
+    if budget_items >= len(set(order)):
+        assert ds.loads == len(order)
+
+
+def test_scan_cache_loads_through_workers(synth_train):
+    from hybrid_accel.dii import ScanCache
+
+    cache = ScanCache(synth_train, 2**30)
+    order = list(range(len(synth_train)))
+    want = _loader_batches(synth_train, order, 5)
+    for _ in range(2):  # first pass through one worker process, second from memory
+        got = list(cache.batches(order, 5, num_workers=1))
+        assert all(torch.equal(g["image"], w["image"]) and torch.equal(g["mask"], w["mask"]) for g, w in zip(got, want))
+    assert cache.cached == len(order)
+
+
+def test_updater_with_scan_cache_gives_the_same_gamma_and_reads_the_images_once(synth_train):
+    torch.manual_seed(0)
+    from hybrid_accel.model import build_model
+
+    net = build_model("resnet18", synth_train.num_classes, decoder_channels=16).eval()
+    strong, weak = synth_train.strong_indices, synth_train.weak_indices
+    cfg = SimpleNamespace(strong_batches=0, scan="all", scan_size=0, scan_batch_size=4, score="centred",
+                          normalize="area")
+    runs = {}
+    for cache_bytes in (0, 2**30):
+        ds = _CountingDataset(synth_train)
+        up = DIIUpdater(GammaState(len(weak), init=0.5), ds, strong, weak, cfg, seed=0, cache_bytes=cache_bytes)
+        for step in (10, 20, 30):
+            up.update([net, net], _acc(), step=step)  # dii.networks=both reads every image once per network
+        runs[cache_bytes] = (up.gamma.gamma.clone(), up.last_scores.clone(), ds.loads)
+    assert torch.equal(runs[0][0], runs[2**30][0]) and torch.equal(runs[0][1], runs[2**30][1])
+    n = len(strong) + len(weak)
+    assert runs[0][2] == 3 * 2 * n and runs[2**30][2] == n
+
+
+def test_scan_cache_config_is_checked():
+    from hybrid_accel.config import Config, ConfigError, validate_config
+
+    cfg = Config()
+    cfg.dii.scan_cache_mib = -1
+    with pytest.raises(ConfigError, match="dii.scan_cache_mib"):
+        validate_config(cfg)
