@@ -381,10 +381,11 @@ class ScanCache:
     load, up to ``max_bytes`` per process; those beyond it are loaded again at each update.
 
     Every update reads each strong and weak image once per network, a decode and resize each: on the `cpu`
-    suite's DII + DCR runs (hybrid CVC-ClinicDB at 96x128, two networks, 406 images) 2.1 s of a 14.2 s update
-    on the 2-core dev machine (``benchmarks/bench_dii_update.py``, benchmarks/RESULTS.md section 5). The batches are the ones a ``DataLoader`` over the
-    same indices would give, with the same values (masks are stored as uint8 where the labels fit, and
-    returned as int64), so the scores do not change. ``num_workers`` loads the items not yet cached.
+    suite's DII + DCR runs (hybrid CVC-ClinicDB at 96x128, two networks, 406 images) 2.1 s of a 14.2 s
+    update on the 2-core dev machine (``benchmarks/bench_dii_update.py``, benchmarks/RESULTS.md section 5).
+    The batches are the ones a ``DataLoader`` over the same indices would give, with the same values (masks
+    are stored as uint8 where the labels fit, and returned as int64), so the scores do not change.
+    ``num_workers`` loads the items not yet cached.
     """
 
     def __init__(self, dataset: Dataset, max_bytes: int):
