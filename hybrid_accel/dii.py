@@ -394,9 +394,6 @@ class ScanCache:
         self.nbytes = 0
         self._items: dict[int, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     @property
     def cached(self) -> int:
         """How many items are held."""
@@ -418,8 +415,7 @@ class ScanCache:
         """(index or None, image, mask) of the items ``missing``, in order, loaded from the dataset."""
         if not missing:
             return
-        for batch in DataLoader(Subset(self.dataset, missing), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers):
+        for batch in _loader(self.dataset, missing, batch_size, num_workers):
             for j in range(batch["image"].shape[0]):
                 yield (int(batch["index"][j]) if "index" in batch else None), batch["image"][j], batch["mask"][j]
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hybrid_accel import ops
 from hybrid_accel.dii import (
     DIIUpdater,
+    ScanCache,
     calibrate_logits,
     GammaState,
     centred_reference,
@@ -622,8 +623,6 @@ def _loader_batches(ds, indices, bs):
 
 @pytest.mark.parametrize("budget_items", [100, 5, 0])
 def test_scan_cache_gives_the_dataloaders_batches_and_loads_each_item_once(synth_train, budget_items):
-    from hybrid_accel.dii import ScanCache
-
     ds = _CountingDataset(synth_train)
     item = synth_train[0]
     size = item["image"].numel() * 4 + item["mask"].numel()  # float32 image, uint8 mask
@@ -647,8 +646,6 @@ def test_scan_cache_gives_the_dataloaders_batches_and_loads_each_item_once(synth
 
 
 def test_scan_cache_loads_through_workers(synth_train):
-    from hybrid_accel.dii import ScanCache
-
     cache = ScanCache(synth_train, 2**30)
     order = list(range(len(synth_train)))
     want = _loader_batches(synth_train, order, 5)
